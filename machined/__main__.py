@@ -1,0 +1,111 @@
+"""Command line: `python -m machined`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import COMPAT_SYSTEMD_VERSION, __version__
+
+INTROSPECT_LIST = [
+    ("/org/freedesktop/machine1", "org.freedesktop.machine1.Manager"),
+    ("/org/freedesktop/machine1/machine", "org.freedesktop.machine1.Machine"),
+    ("/org/freedesktop/machine1/image", "org.freedesktop.machine1.Image"),
+    ("/org/freedesktop/LogControl1", "org.freedesktop.LogControl1"),
+]
+
+_SYSLOG = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+           logging.CRITICAL: 2}
+
+
+class _JournalFormatter(logging.Formatter):
+    """"<N>message" lines, which journald turns into priorities."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_SYSLOG.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def setup_logging(level: str) -> None:
+    from .bus.logcontrol import LEVELS
+
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("machined[%(process)d]: %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(LEVELS[level])
+
+
+def bus_introspect(target: str) -> int:
+    if target == "list":
+        for path, iface in INTROSPECT_LIST:
+            print(f"{path}\t{iface}")
+        return 0
+    from .bus.introspect import node_xml
+    from .bus.logcontrol import LogControl
+    from .bus.machine import MachineHandlers, machine_interface
+    from .bus.manager import Manager, image_interface_template
+    from .core.machine import Machine
+
+    handlers = MachineHandlers(None, None)  # type: ignore[arg-type]
+    interfaces = {
+        "/org/freedesktop/machine1": Manager(None, handlers).interface(),  # type: ignore[arg-type]
+        "/org/freedesktop/machine1/machine": machine_interface(Machine(name=""), handlers),
+        "/org/freedesktop/machine1/image": image_interface_template(),
+        "/org/freedesktop/LogControl1": LogControl().interface(),
+    }
+    iface = interfaces.get(target)
+    if iface is None:
+        print(f"Introspection for \"{target}\" not found, see --bus-introspect=list.",
+              file=sys.stderr)
+        return 1
+    sys.stdout.write(node_xml(iface))
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from .bus.logcontrol import LEVELS
+
+    p = argparse.ArgumentParser(
+        prog="systemd-machined",
+        description="Manage registrations of local VMs and containers.",
+    )
+    p.add_argument("--version", action="store_true", help="Show package version")
+    p.add_argument("--bus-introspect", metavar="PATH",
+                   help="Write D-Bus XML introspection data (PATH or 'list')")
+    p.add_argument("--log-level", default=os.environ.get("SYSTEMD_LOG_LEVEL", "info"),
+                   choices=sorted(LEVELS), help="Log level (default: info)")
+    p.add_argument("--scope-backend", choices=("auto", "systemd1", "cgroupfs"), default="auto",
+                   help="Who makes machine scopes: org.freedesktop.systemd1 or this daemon "
+                        "(default: systemd1 when it is on the bus)")
+    p.add_argument("--stop-timeout", type=float, default=90.0, metavar="SECONDS",
+                   help="cgroupfs scopes: SIGKILL after this long when stopping (default 90)")
+    p.add_argument("--state-dir", type=Path, default=Path("/run/systemd/machines"),
+                   help=argparse.SUPPRESS)  # for benchmarks; sd-login only reads the default
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.version:
+        print(f"machined {__version__} (compatible with systemd {COMPAT_SYSTEMD_VERSION})")
+        return 0
+    if args.bus_introspect:
+        return bus_introspect(args.bus_introspect)
+    os.umask(0o022)
+    setup_logging(args.log_level)
+    from .daemon import Options, run
+
+    options = Options(state_dir=args.state_dir, scope_backend=args.scope_backend,
+                      stop_timeout=args.stop_timeout, log_level=args.log_level)
+    return asyncio.run(run(options))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Calls to other services on the bus (systemd1, polkit, the bus driver)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdbus.sd_bus_internals import SdBus, SdBusBaseError
+
+from ..core.errors import RemoteError
+
+DBUS_ERROR_FAILED = "org.freedesktop.DBus.Error.Failed"
+
+
+def remote_error(exc: BaseException) -> RemoteError:
+    """The error name and message of a failed call, whatever sdbus made of it."""
+    name = getattr(type(exc), "dbus_error_name", None)
+    args = getattr(exc, "args", ())
+    if name is None:
+        # SdBusUnmappedMessageError carries (name, message)
+        if len(args) >= 2 and isinstance(args[0], str):
+            return RemoteError(args[0], str(args[1]))
+        return RemoteError(DBUS_ERROR_FAILED, str(args[0]) if args else str(exc))
+    return RemoteError(name, str(args[0]) if args else "")
+
+
+async def call(
+    bus: SdBus, destination: str, path: str, interface: str, member: str,
+    signature: str = "", *args: Any,
+) -> tuple[Any, ...]:
+    msg = bus.new_method_call_message(destination, path, interface, member)
+    if signature:
+        msg.append_data(signature, *args)
+    try:
+        reply = await bus.call_async(msg)
+    except SdBusBaseError as e:
+        raise remote_error(e) from None
+    return reply.parse_to_tuple()
+
+
+async def get_property(
+    bus: SdBus, destination: str, path: str, interface: str, name: str
+) -> Any:
+    (variant,) = await call(bus, destination, path, "org.freedesktop.DBus.Properties", "Get",
+                            "ss", interface, name)
+    return variant[1]
+
+
+async def name_has_owner(bus: SdBus, name: str) -> bool:
+    (has,) = await call(bus, "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                        "org.freedesktop.DBus", "NameHasOwner", "s", name)
+    return bool(has)

@@ -1,0 +1,224 @@
+"""Interfaces described as data, exported through sdbus's low-level vtables, and one dispatcher
+that turns handler results and exceptions into replies.
+
+Handlers take (call, *arguments) and return the result, or an awaitable of it. Methods are
+marked unprivileged for sd-bus (we authorize ourselves) except the ones 252 leaves privileged,
+so that introspection shows the same `org.freedesktop.systemd1.Privileged` annotations and
+sd-bus itself answers "Access to ... not permitted." for non-root callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sdbus
+from sdbus.sd_bus_internals import SdBus, SdBusInterface, SdBusMessage
+
+from . import client
+from .errors import to_dbus
+from .msgflags import allows_interactive_authorization
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    in_sig: str
+    in_names: tuple[str, ...]
+    out_sig: str
+    out_names: tuple[str, ...]
+    handler: Callable[..., Any]
+    privileged: bool = False
+
+
+CONST = "const"
+FALSE = "false"
+
+
+@dataclass(frozen=True)
+class Property:
+    name: str
+    sig: str
+    getter: Callable[[], Any]
+    emits: str = FALSE  # EmitsChangedSignal annotation: "const" or "false"
+    hidden: bool = False
+    setter: Callable[[Any], None] | None = None
+
+
+@dataclass(frozen=True)
+class Signal:
+    name: str
+    sig: str
+    names: tuple[str, ...]
+
+
+@dataclass
+class Interface:
+    name: str
+    properties: list[Property] = field(default_factory=list)
+    methods: list[Method] = field(default_factory=list)
+    signals: list[Signal] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Creds:
+    uid: int
+    pid: int
+
+
+class Call:
+    """One incoming method call, with lazy access to who sent it."""
+
+    __slots__ = ("msg", "_dispatcher")
+
+    def __init__(self, dispatcher: Dispatcher, msg: SdBusMessage) -> None:
+        self.msg = msg
+        self._dispatcher = dispatcher
+
+    @property
+    def sender(self) -> str:
+        return self.msg.sender or ""
+
+    async def creds(self) -> Creds:
+        return await self._dispatcher.creds(self.sender)
+
+    @property
+    def interactive(self) -> bool:
+        return allows_interactive_authorization(self.msg)
+
+
+class Dispatcher:
+    def __init__(self, bus: SdBus) -> None:
+        self.bus = bus
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._creds: dict[str, Creds] = {}
+        # sd-bus drops an object when its vtable object is garbage-collected: keep them here.
+        self._exports: dict[tuple[str, str], SdBusInterface] = {}
+
+    # ------------------------------------------------------------- credentials
+    async def watch_peers(self) -> None:
+        """Forget cached credentials when a peer disconnects (unique names are never reused)."""
+
+        def owner_changed(msg: SdBusMessage) -> None:
+            try:
+                name, _old, new = msg.parse_to_tuple()
+            except Exception:
+                return
+            if not new:
+                self._creds.pop(name, None)
+
+        self._peer_slot = await self.bus.match_signal_async(
+            "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+            "NameOwnerChanged", owner_changed)
+
+    async def creds(self, sender: str) -> Creds:
+        cached = self._creds.get(sender)
+        if cached is not None:
+            return cached
+        (info,) = await client.call(self.bus, "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                    "org.freedesktop.DBus", "GetConnectionCredentials", "s",
+                                    sender)
+        creds = Creds(uid=int(info["UnixUserID"][1]), pid=int(info.get("ProcessID", ("u", 0))[1]))
+        self._creds[sender] = creds
+        return creds
+
+    # ------------------------------------------------------------- export
+    def export(self, path: str, iface: Interface) -> None:
+        vtable = SdBusInterface()
+        for prop in iface.properties:
+            flags = sdbus.DbusPropertyConstFlag if prop.emits == CONST else 0
+            if prop.hidden:
+                flags |= sdbus.DbusHiddenFlag
+            vtable.add_property(prop.name, prop.sig, _getter(prop), _setter(prop), flags)
+        for method in iface.methods:
+            flags = 0 if method.privileged else sdbus.DbusUnprivilegedFlag
+            vtable.add_method(method.name, method.in_sig, list(method.in_names), method.out_sig,
+                              list(method.out_names), flags, self._callback(method))
+        for sig in iface.signals:
+            vtable.add_signal(sig.name, sig.sig, list(sig.names), 0)
+        self.unexport(path, iface.name)
+        self.bus.add_interface(vtable, path, iface.name)
+        self._exports[(path, iface.name)] = vtable
+
+    def unexport(self, path: str, interface: str) -> None:
+        vtable = self._exports.pop((path, interface), None)
+        if vtable is not None:
+            vtable._stop_export()
+
+    def emit(self, path: str, interface: str, member: str, signature: str, *args: Any) -> None:
+        msg = self.bus.new_signal_message(path, interface, member)
+        msg.append_data(signature, *args)
+        msg.send()
+
+    # ------------------------------------------------------------- dispatch
+    def _callback(self, method: Method) -> Callable[[SdBusMessage], None]:
+        def dispatch(msg: SdBusMessage) -> None:
+            try:
+                result = method.handler(Call(self, msg), *msg.parse_to_tuple())
+                if inspect.isawaitable(result):
+                    task = asyncio.get_running_loop().create_task(
+                        self._finish(msg, method, result))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                    return
+                self._reply(msg, method, result)
+            except BaseException as e:  # noqa: BLE001 - every failure becomes a reply
+                self._reply_error(msg, e)
+
+        return dispatch
+
+    async def _finish(self, msg: SdBusMessage, method: Method, awaitable: Any) -> None:
+        try:
+            result = await awaitable
+            self._reply(msg, method, result)
+        except BaseException as e:  # noqa: BLE001
+            self._reply_error(msg, e)
+
+    @staticmethod
+    def _reply(msg: SdBusMessage, method: Method, result: Any) -> None:
+        if not msg.expect_reply:
+            return
+        reply = msg.create_reply()
+        if len(method.out_names) > 1:
+            reply.append_data(method.out_sig, *result)
+        elif method.out_names:
+            reply.append_data(method.out_sig, result)
+        reply.send()
+
+    @staticmethod
+    def _reply_error(msg: SdBusMessage, exc: BaseException) -> None:
+        name, text = to_dbus(exc)
+        if not msg.expect_reply:
+            return
+        try:
+            msg.create_error_reply(name, text).send()
+        except Exception:
+            log.exception("Failed to send error reply %s", name)
+
+    async def drain(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def _getter(prop: Property) -> Callable[[SdBusMessage], None]:
+    def get(msg: SdBusMessage) -> None:
+        msg.append_data(prop.sig, prop.getter())
+
+    return get
+
+
+def _setter(prop: Property) -> Callable[[SdBusMessage], None] | None:
+    if prop.setter is None:
+        return None
+    setter = prop.setter
+
+    def set_(msg: SdBusMessage) -> None:
+        setter(msg.get_contents())
+
+    return set_

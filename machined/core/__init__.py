@@ -1,0 +1,4 @@
+"""The model: machines, registry, state files, validation, domain errors.
+
+Nothing in here imports D-Bus code or starts subprocesses.
+"""

@@ -1,0 +1,82 @@
+"""The machine value object: what machined knows about one container or VM."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from .names import bus_label_escape
+
+MACHINE_PATH_PREFIX = "/org/freedesktop/machine1/machine/"
+
+
+class MachineClass(enum.Enum):
+    CONTAINER = "container"
+    VM = "vm"
+    HOST = "host"
+    UNKNOWN = ""
+
+    @property
+    def can_start(self) -> bool:
+        return self in (MachineClass.CONTAINER, MachineClass.VM)
+
+
+def machine_path(name: str) -> str:
+    return MACHINE_PATH_PREFIX + bus_label_escape(name)
+
+
+@dataclass
+class Timestamp:
+    realtime: int  # µs since the epoch
+    monotonic: int  # µs of CLOCK_MONOTONIC
+
+    @classmethod
+    def now(cls) -> Timestamp:
+        return cls(time.clock_gettime_ns(time.CLOCK_REALTIME) // 1000,
+                   time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
+
+    @classmethod
+    def boot(cls) -> Timestamp:
+        """The boot time, as the .host machine reports it."""
+        boot = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        realtime = (time.clock_gettime_ns(time.CLOCK_REALTIME) - boot) // 1000
+        monotonic = (time.clock_gettime_ns(time.CLOCK_MONOTONIC) - boot) // 1000
+        return cls(realtime, monotonic if monotonic > 0 else 1)
+
+
+@dataclass(eq=False)
+class Machine:
+    name: str
+    cls: MachineClass = MachineClass.UNKNOWN
+    id: bytes = b""  # 16 bytes, or b"" when unset (an all-zero id counts as unset)
+    service: str = ""
+    root_directory: str = ""
+    unit: str = ""
+    scope_job: str = ""
+    leader: int = 0
+    timestamp: Timestamp | None = None
+    netif: list[int] = field(default_factory=list)
+    started: bool = False
+    stopping: bool = False
+    # True when this daemon created the scope (systemd1: it holds an AddRef reference).
+    referenced: bool = False
+
+    @property
+    def path(self) -> str:
+        return machine_path(self.name)
+
+    @property
+    def state(self) -> str:
+        if self.cls is MachineClass.HOST:
+            return "running"
+        if self.stopping:
+            return "closing"
+        if self.scope_job:
+            return "opening"
+        return "running"
+
+    @property
+    def id_bytes(self) -> bytes:
+        """The Id property: 16 bytes, or empty when unset."""
+        return self.id if self.id and any(self.id) else b""

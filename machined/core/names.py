@@ -1,0 +1,154 @@
+"""Names and escapes exactly as systemd 252 defines them (hostname_is_valid, bus_label_escape,
+unit_name_escape, cescape, hidden/backup file names)."""
+
+from __future__ import annotations
+
+import string
+
+HOST_NAME_MAX = 64
+NAME_MAX = 255
+
+_LABEL_CHARS = frozenset(string.ascii_letters + string.digits + "-")
+
+
+def machine_name_is_valid(name: str) -> bool:
+    """hostname_is_valid(name, 0): dot-separated labels of [A-Za-z0-9-], no label starts or ends
+    with '-', at most 64 bytes. '.host' is not a valid machine name."""
+    if not name or len(name.encode()) > HOST_NAME_MAX:
+        return False
+    for label in name.split("."):
+        if not label or label[0] == "-" or label[-1] == "-":
+            return False
+        if not all(c in _LABEL_CHARS for c in label):
+            return False
+    return True
+
+
+def image_name_is_valid(name: str) -> bool:
+    """image_name_is_valid(): a file name that is not a temporary '.#' file."""
+    if not name or name in (".", ".."):
+        return False
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    if len(raw) > NAME_MAX or "/" in name:
+        return False
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return False
+    return not name.startswith(".#")
+
+
+def bus_label_escape(s: str) -> str:
+    """bus_label_escape(): '' -> '_'; bytes other than ASCII letters (and digits not in first
+    position) become '_' + two lowercase hex digits."""
+    if not s:
+        return "_"
+    out = []
+    for i, b in enumerate(s.encode("utf-8")):
+        c = chr(b)
+        if ("a" <= c <= "z") or ("A" <= c <= "Z") or (i > 0 and "0" <= c <= "9"):
+            out.append(c)
+        else:
+            out.append(f"_{b:02x}")
+    return "".join(out)
+
+
+def bus_label_unescape(label: str) -> str:
+    if label == "_":
+        return ""
+    out = bytearray()
+    i = 0
+    raw = label.encode("utf-8")
+    hexdigits = b"0123456789abcdefABCDEF"
+    while i < len(raw):
+        if (
+            raw[i : i + 1] == b"_"
+            and i + 2 < len(raw)
+            and raw[i + 1] in hexdigits
+            and raw[i + 2] in hexdigits
+        ):
+            out.append(int(raw[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode("utf-8", errors="surrogateescape")
+
+
+_UNIT_OK = frozenset(string.ascii_letters + string.digits + ":_.")
+
+
+def unit_name_escape(s: str) -> str:
+    """unit_name_escape(): '/' -> '-'; a leading '.', '-', '\\' and bytes outside [A-Za-z0-9:_.]
+    -> '\\xNN'."""
+    out = []
+    for i, b in enumerate(s.encode("utf-8")):
+        c = chr(b)
+        if c == "/":
+            out.append("-")
+        elif (c == "." and i == 0) or c not in _UNIT_OK or b >= 0x80:
+            out.append(f"\\x{b:02x}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def machine_scope_name(machine_name: str) -> str:
+    return f"machine-{unit_name_escape(machine_name)}.scope"
+
+
+def unit_name_is_valid(name: str) -> bool:
+    """A plain or instance unit name with a known suffix (enough for cgroup->unit parsing)."""
+    if not name or len(name) > 256 or "/" in name:
+        return False
+    prefix, dot, suffix = name.rpartition(".")
+    if not dot or not prefix or suffix not in _UNIT_SUFFIXES:
+        return False
+    allowed = _UNIT_OK | {"-", "\\", "@"}
+    if not all(c in allowed for c in prefix):
+        return False
+    if "@" in prefix:
+        template, _, _instance = prefix.partition("@")
+        return bool(template)
+    return True
+
+
+_UNIT_SUFFIXES = frozenset(
+    {"service", "socket", "target", "device", "mount", "automount", "swap", "timer", "path",
+     "slice", "scope"}
+)
+
+
+_CESCAPE = {
+    "\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v",
+    "\\": "\\\\", '"': '\\"', "'": "\\'",
+}
+
+
+def cescape(s: str) -> str:
+    """cescape(): C escapes for the usual characters, octal for other bytes < 0x20 or >= 0x7f."""
+    out = []
+    for b in s.encode("utf-8", errors="surrogateescape"):
+        c = chr(b)
+        if c in _CESCAPE:
+            out.append(_CESCAPE[c])
+        elif b < 0x20 or b >= 0x7F:
+            out.append(f"\\{b:03o}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+_BACKUP_SUFFIXES = (
+    "~", ".rpmnew", ".rpmsave", ".rpmorig", ".dpkg-old", ".dpkg-new", ".dpkg-tmp", ".dpkg-dist",
+    ".dpkg-bak", ".dpkg-backup", ".dpkg-remove", ".ucf-new", ".ucf-old", ".ucf-dist", ".swp",
+    ".bak", ".old", ".new",
+)
+
+
+def hidden_or_backup_file(name: str) -> bool:
+    """hidden_or_backup_file(): names every sd-login reader skips in /run/systemd/machines."""
+    if name.startswith(".") or name in ("lost+found", "aquota.user", "aquota.group"):
+        return True
+    return name.endswith(_BACKUP_SUFFIXES)

@@ -1,0 +1,330 @@
+"""The machine table and its life cycle: create, register, start, stop, kill, unregister,
+garbage collection and reload at start-up (spec §6, §7.4).
+
+How a machine goes away, in one place:
+  * its leader exits (pidfd)               -> GC queue -> finalize (MachineRemoved)
+  * its unit/scope becomes inactive        -> GC queue -> finalize
+  * TerminateMachine                       -> stop the unit -> the above
+  * UnregisterMachine                      -> finalize at once; the unit keeps running
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator
+
+from .errors import ErrnoError, JobFailed, MachineExists, MachinedError
+from .machine import Machine, MachineClass, Timestamp
+from .ports import ProcessWatcher, RegistryListener, ScopeBackend, ScopeProperties
+from .statefile import StateDir
+from .validate import MachineSpec
+
+log = logging.getLogger(__name__)
+
+HOST_NAME = ".host"
+_MAX_EARLY_JOBS = 1024
+
+
+class Registry:
+    def __init__(
+        self,
+        backend: ScopeBackend,
+        watcher: ProcessWatcher,
+        statedir: StateDir,
+        listener: RegistryListener,
+        host_id: bytes = b"",
+    ) -> None:
+        self.backend = backend
+        self.watcher = watcher
+        self.statedir = statedir
+        self.listener = listener
+        self.machines: dict[str, Machine] = {}
+        self.leaders: dict[int, Machine] = {}
+        self.units: dict[str, Machine] = {}
+        self.host = Machine(
+            name=HOST_NAME, cls=MachineClass.HOST, id=host_id, root_directory="/",
+            unit="-.slice", leader=1, timestamp=Timestamp.boot(),
+        )
+        self._gc_queue: OrderedDict[int, Machine] = OrderedDict()
+        self._gc_task: asyncio.Task[None] | None = None
+        self._create_waiters: dict[int, asyncio.Future[str]] = {}
+        # JobRemoved can overtake the StartTransientUnit reply on our side of the socket.
+        self._finished_jobs: OrderedDict[str, str] = OrderedDict()
+
+    # ----------------------------------------------------------------- queries
+    def __iter__(self) -> Iterator[Machine]:
+        return iter(list(self.machines.values()))
+
+    def get(self, name: str) -> Machine | None:
+        return self.machines.get(name)
+
+    def by_pid(self, pid: int) -> Machine | None:
+        """§6.8: the leader table first, then the unit whose cgroup holds pid."""
+        m = self.leaders.get(pid)
+        if m is not None:
+            return m
+        unit = self.backend.unit_of_pid(pid)
+        return self.units.get(unit) if unit else None
+
+    # ----------------------------------------------------------------- start-up
+    async def start(self) -> None:
+        """Add .host, reload the state files, collect the dead, start the rest (§1.2, §7.4)."""
+        self.statedir.ensure()
+        self._add(self.host)
+        for m in self.statedir.load():
+            if m.name in self.machines:
+                continue
+            self._add(m)
+            if not m.leader or not self.backend.adopt(m):
+                log.info("Dropping stale machine %s (leader %d gone).", m.name, m.leader)
+                self._finalize(m)
+                self._free(m)
+                continue
+            self.queue_gc(m)
+        await self._gc_drain(drop_not_started=False)
+        for m in self:
+            if m is self.host or m.started:
+                continue
+            try:
+                await self._start(m, None)
+            except MachinedError as e:
+                log.warning("Failed to start machine %s: %s", m.name, e.message)
+                self.queue_gc(m)
+
+    async def shutdown(self) -> None:
+        """Drop our references on scopes we created; state files stay for the next start."""
+        if self._gc_task is not None:
+            self._gc_task.cancel()
+        for m in self:
+            if m.referenced:
+                with contextlib.suppress(Exception):
+                    await self.backend.release(m)
+
+    # ----------------------------------------------------------------- create / register
+    def _new_machine(self, spec: MachineSpec, sender_pid: int) -> Machine:
+        if spec.name in self.machines:
+            raise MachineExists(spec.name)
+        m = Machine(
+            name=spec.name, cls=spec.cls, id=spec.id, service=spec.service,
+            root_directory=spec.root_directory, leader=spec.leader or sender_pid,
+            netif=list(spec.netif),
+        )
+        self._add(m)
+        return m
+
+    async def create(
+        self, spec: MachineSpec, properties: ScopeProperties, sender_pid: int
+    ) -> Machine:
+        """CreateMachine: a new scope for the leader; returns once its start job is done."""
+        m = self._new_machine(spec, sender_pid)
+        try:
+            await self._start(m, properties)
+        except BaseException:
+            self.queue_gc(m)
+            raise
+        if m.scope_job:
+            result = self._finished_jobs.pop(m.scope_job, None)
+            if result is None:
+                waiter = asyncio.get_running_loop().create_future()
+                self._create_waiters[id(m)] = waiter
+                try:
+                    result = await waiter
+                finally:
+                    self._create_waiters.pop(id(m), None)
+            else:
+                self._job_done(m, result)
+            if result != "done":
+                raise JobFailed(m.unit, result)
+        self._save(m)
+        return m
+
+    async def register(self, spec: MachineSpec, sender_pid: int) -> Machine:
+        """RegisterMachine: the leader already runs in a unit; adopt it."""
+        m = self._new_machine(spec, sender_pid)
+        try:
+            await self.backend.unit_for_registration(m, sender_pid)
+            await self._start(m, None)
+        except BaseException:
+            self.queue_gc(m)
+            raise
+        return m
+
+    async def _start(self, m: Machine, properties: ScopeProperties | None) -> None:
+        """§6.3.3, shared by create, register and start-up."""
+        if not m.cls.can_start:
+            raise ErrnoError(errno.EOPNOTSUPP)
+        if m.started:
+            return
+        other = self.leaders.get(m.leader)
+        if other is not None and other is not m:
+            raise ErrnoError(errno.EEXIST)
+        self.leaders[m.leader] = m
+        if not m.unit:
+            m.scope_job = await self.backend.start_scope(m, properties or [])
+        self.units.setdefault(m.unit, m)
+        log.info("New machine %s.", m.name)
+        if m.timestamp is None:
+            m.timestamp = Timestamp.now()
+        m.started = True
+        self._save(m)
+        self.listener.machine_new(m)
+        if not self.watcher.watch(m.leader, lambda: self._leader_exited(m)):
+            self.queue_gc(m)
+
+    # ----------------------------------------------------------------- stop / kill / unregister
+    async def terminate(self, m: Machine) -> None:
+        await self._stop(m)
+
+    async def _stop(self, m: Machine) -> None:
+        if not m.cls.can_start:
+            raise ErrnoError(errno.EOPNOTSUPP)
+        if m.unit:
+            m.scope_job = await self.backend.stop(m)
+        m.stopping = True
+        self._save(m)
+
+    async def kill(self, m: Machine, who: str, signo: int) -> None:
+        if not m.cls.can_start:
+            raise ErrnoError(errno.EOPNOTSUPP)
+        if not m.unit:
+            raise ErrnoError(errno.ESRCH)
+        if who == "leader":
+            try:
+                self.watcher.signal(m.leader, signo)
+            except OSError as e:
+                raise ErrnoError.from_oserror(e) from None
+        else:
+            await self.backend.kill(m, signo)
+
+    def unregister(self, m: Machine) -> None:
+        """Forget the machine now; its unit keeps running (§6.9)."""
+        self._finalize(m)
+
+    # ----------------------------------------------------------------- events from outside
+    def job_removed(self, job: str, unit: str, result: str) -> None:
+        m = self.units.get(unit)
+        if m is not None and job == m.scope_job:
+            self._job_done(m, result)
+            waiter = self._create_waiters.get(id(m))
+            if waiter is not None and not waiter.done():
+                waiter.set_result(result)
+            return
+        # Perhaps the start job of a machine whose StartTransientUnit reply we have not seen yet.
+        self._remember_job(job, result)
+        if m is not None:
+            self.queue_gc(m)
+
+    def _job_done(self, m: Machine, result: str) -> None:
+        m.scope_job = ""
+        self._save(m)
+        self.queue_gc(m)
+
+    def _remember_job(self, job: str, result: str) -> None:
+        self._finished_jobs[job] = result
+        while len(self._finished_jobs) > _MAX_EARLY_JOBS:
+            self._finished_jobs.popitem(last=False)
+
+    def unit_changed(self, unit: str) -> None:
+        """UnitRemoved, PropertiesChanged of a unit, or our own scope emptied."""
+        m = self.units.get(unit)
+        if m is not None:
+            self.queue_gc(m)
+
+    def manager_reloaded(self) -> None:
+        for m in self:
+            self.queue_gc(m)
+
+    def _leader_exited(self, m: Machine) -> None:
+        if self.machines.get(m.name) is m:
+            log.debug("Leader %d of machine %s exited.", m.leader, m.name)
+            self.queue_gc(m)
+
+    # ----------------------------------------------------------------- garbage collection
+    def queue_gc(self, m: Machine) -> None:
+        if m is self.host:
+            return
+        self._gc_queue[id(m)] = m
+        if self._gc_task is None or self._gc_task.done():
+            self._gc_task = asyncio.get_running_loop().create_task(self._gc_drain(True))
+
+    async def _may_gc(self, m: Machine, drop_not_started: bool) -> bool:
+        if m.cls is MachineClass.HOST:
+            return False
+        if drop_not_started and not m.started:
+            return True
+        if m.leader and not self.watcher.alive(m.leader):
+            return True
+        if m.scope_job and await self.backend.job_is_active(m.scope_job):
+            return False
+        return not (m.unit and await self.backend.unit_is_active(m))
+
+    async def _gc_drain(self, drop_not_started: bool) -> None:
+        while self._gc_queue:
+            _, m = self._gc_queue.popitem(last=False)
+            if self.machines.get(m.name) is not m:
+                continue
+            try:
+                await self._gc_one(m, drop_not_started)
+            except Exception:
+                log.exception("Garbage collection of machine %s failed", m.name)
+
+    async def _gc_one(self, m: Machine, drop_not_started: bool) -> None:
+        if not await self._may_gc(m, drop_not_started):
+            return
+        # Only scopes we created are stopped here: unlike 252, a failed registration never
+        # stops somebody else's unit (spec §6.11).
+        if m.referenced and m.state != "closing":
+            try:
+                await self._stop(m)
+            except MachinedError as e:
+                log.warning("Failed to stop machine %s: %s", m.name, e.message)
+        if self.machines.get(m.name) is m and await self._may_gc(m, drop_not_started):
+            self._finalize(m)
+            self._free(m)
+            if m.referenced:
+                await self.backend.release(m)
+
+    def _finalize(self, m: Machine) -> None:
+        """Files unlinked, MachineRemoved emitted (if it was announced)."""
+        if m is self.host:
+            self.statedir.remove_unit_link(m.unit)
+            return
+        if m.started:
+            log.info("Machine %s terminated.", m.name)
+            m.stopping = True
+        if self.units.get(m.unit) is m:
+            self.statedir.remove(m)
+        else:
+            self.statedir.remove(Machine(name=m.name))  # the unit link is another machine's
+        if m.started:
+            m.started = False
+            self.listener.machine_removed(m)
+        self.queue_gc(m)
+
+    def _free(self, m: Machine) -> None:
+        self._gc_queue.pop(id(m), None)
+        waiter = self._create_waiters.pop(id(m), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ErrnoError(errno.ECANCELED,
+                                            f"Machine {m.name} went away before it started"))
+        if m.unit and self.units.get(m.unit) is m:
+            del self.units[m.unit]
+        if self.leaders.get(m.leader) is m:
+            del self.leaders[m.leader]
+            self.watcher.unwatch(m.leader)
+        if self.machines.get(m.name) is m:
+            del self.machines[m.name]
+            self.listener.machine_freed(m)
+
+    # ----------------------------------------------------------------- helpers
+    def _add(self, m: Machine) -> None:
+        self.machines[m.name] = m
+        self.listener.machine_added(m)
+
+    def _save(self, m: Machine) -> None:
+        if m.started:
+            self.statedir.save(m)

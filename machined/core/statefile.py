@@ -1,0 +1,162 @@
+"""/run/systemd/machines: one file per started machine plus `unit:<unit>` symlinks (spec §7).
+
+Files appear through rename() and disappear through unlink(), because sd-login's monitor
+watches IN_MOVED_TO | IN_DELETE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+
+from .machine import Machine, MachineClass, Timestamp
+from .names import cescape, hidden_or_backup_file, machine_name_is_valid
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR = Path("/run/systemd/machines")
+HEADER = "# This is private data. Do not parse.\n"
+
+
+def serialize(m: Machine) -> str:
+    lines = [HEADER, f"NAME={m.name}\n"]
+    if m.unit:
+        lines.append(f"SCOPE={cescape(m.unit)}\n")
+    if m.scope_job:
+        lines.append(f"SCOPE_JOB={m.scope_job}\n")
+    if m.service:
+        lines.append(f"SERVICE={cescape(m.service)}\n")
+    if m.root_directory:
+        lines.append(f"ROOT={cescape(m.root_directory)}\n")
+    if m.id_bytes:
+        lines.append(f"ID={m.id_bytes.hex()}\n")
+    if m.leader:
+        lines.append(f"LEADER={m.leader}\n")
+    if m.cls is not MachineClass.UNKNOWN:
+        lines.append(f"CLASS={m.cls.value}\n")
+    if m.timestamp is not None:
+        lines.append(f"REALTIME={m.timestamp.realtime}\nMONOTONIC={m.timestamp.monotonic}\n")
+    if m.netif:
+        lines.append("NETIF=" + " ".join(str(i) for i in m.netif) + "\n")
+    return "".join(lines)
+
+
+def parse_env_file(text: str) -> dict[str, str]:
+    """Env-file style KEY=value lines; comments skipped, quotes and backslashes processed."""
+    result: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        key, eq, value = line.partition("=")
+        if not eq:
+            continue
+        try:
+            words = shlex.split(value, posix=True)
+        except ValueError:
+            continue
+        result[key.strip()] = " ".join(words)
+    return result
+
+
+def apply(m: Machine, data: dict[str, str]) -> None:
+    """Load the keys machined reads back (§7.3). NAME is ignored: the file name wins."""
+    m.unit = data.get("SCOPE", m.unit)
+    m.scope_job = data.get("SCOPE_JOB", m.scope_job)
+    m.service = data.get("SERVICE", m.service)
+    m.root_directory = data.get("ROOT", m.root_directory)
+    raw_id = data.get("ID")
+    if raw_id:
+        with contextlib.suppress(ValueError):
+            parsed = bytes.fromhex(raw_id)
+            if len(parsed) == 16:
+                m.id = parsed
+    with contextlib.suppress(ValueError, KeyError):
+        leader = int(data["LEADER"])
+        if leader > 0:
+            m.leader = leader
+    with contextlib.suppress(ValueError):
+        m.cls = MachineClass(data.get("CLASS", ""))
+    with contextlib.suppress(ValueError, KeyError):
+        m.timestamp = Timestamp(int(data["REALTIME"]), int(data["MONOTONIC"]))
+    netif = []
+    for word in data.get("NETIF", "").split():
+        if word.isdigit() and int(word) > 0:
+            netif.append(int(word))
+    if netif:
+        m.netif = netif
+
+
+class StateDir:
+    """Reads and writes the state files of one directory."""
+
+    def __init__(self, path: Path = DEFAULT_STATE_DIR) -> None:
+        self.path = path
+
+    def ensure(self) -> None:
+        try:
+            self.path.mkdir(mode=0o755, parents=True, exist_ok=True)
+        except OSError as e:
+            log.warning("Failed to create %s: %s", self.path, e)
+
+    def save(self, m: Machine) -> None:
+        """Write atomically (temp file + rename), then the unit symlink. On failure remove both
+        the temp file and the state file, as machined does."""
+        self.ensure()
+        final = self.path / m.name
+        tmp = self.path / f".#{m.name}{secrets.token_hex(3)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, serialize(m).encode("utf-8", errors="surrogateescape"))
+                os.fchmod(fd, 0o644)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+        except OSError as e:
+            log.error("Failed to save machine data %s: %s", final, e)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            with contextlib.suppress(OSError):
+                final.unlink()
+            return
+        if m.unit:
+            with contextlib.suppress(OSError):
+                os.symlink(m.name, self.path / f"unit:{m.unit}")
+
+    def remove(self, m: Machine) -> None:
+        if m.unit:
+            with contextlib.suppress(OSError):
+                (self.path / f"unit:{m.unit}").unlink()
+        with contextlib.suppress(OSError):
+            (self.path / m.name).unlink()
+
+    def remove_unit_link(self, unit: str) -> None:
+        with contextlib.suppress(OSError):
+            (self.path / f"unit:{unit}").unlink()
+
+    def load(self) -> Iterator[Machine]:
+        """Every machine file the readers would list (§7.4), parsed; not started."""
+        try:
+            entries = list(os.scandir(self.path))
+        except OSError:
+            return
+        for entry in sorted(entries, key=lambda e: e.name):
+            name = entry.name
+            if hidden_or_backup_file(name) or name.startswith("unit:"):
+                continue
+            if not machine_name_is_valid(name):
+                continue
+            if not (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
+                continue
+            m = Machine(name=name)
+            try:
+                apply(m, parse_env_file(Path(entry.path).read_text(errors="surrogateescape")))
+            except OSError as e:
+                log.warning("Failed to load %s: %s", entry.path, e)
+            yield m

@@ -1,0 +1,81 @@
+"""Argument checks of the Create/Register/Kill methods, in the order systemd 252 runs them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import InvalidArgs
+from .machine import MachineClass
+from .names import machine_name_is_valid
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """A validated Create*/Register* request (leader 0 still means "the caller")."""
+
+    name: str
+    id: bytes
+    service: str
+    cls: MachineClass
+    leader: int
+    root_directory: str
+    netif: tuple[int, ...]
+
+
+def machine_spec(
+    name: str,
+    id_: bytes,
+    service: str,
+    cls: str,
+    leader: int,
+    root_directory: str,
+    netif: list[int] | None,
+) -> MachineSpec:
+    """§5.7: name -> id length -> ifindices -> class -> leader==1 -> root."""
+    if not machine_name_is_valid(name):
+        raise InvalidArgs("Invalid machine name")
+    if len(id_) not in (0, 16):
+        raise InvalidArgs("Invalid machine ID parameter")
+    for ifindex in netif or ():
+        if ifindex <= 0:
+            raise InvalidArgs(f"Invalid network interface index {ifindex}")
+    if cls == "":
+        klass = MachineClass.UNKNOWN  # accepted here, fails to start later (EOPNOTSUPP)
+    elif cls in ("container", "vm"):
+        klass = MachineClass(cls)
+    else:
+        # Debian's fix for CVE-2026-4105 rejects "host" here too.
+        raise InvalidArgs("Invalid machine class parameter")
+    if leader == 1:
+        raise InvalidArgs("Invalid leader PID")
+    if root_directory and not root_directory.startswith("/"):
+        raise InvalidArgs("Root directory must be empty or an absolute path")
+    return MachineSpec(name, bytes(id_) if any(id_) else b"", service, klass, leader,
+                       root_directory, tuple(netif or ()))
+
+
+KILL_WHO = ("", "leader", "all")
+NSIG = 65
+
+
+def kill_args(who: str, signo: int) -> tuple[str, int]:
+    if who not in KILL_WHO:
+        raise InvalidArgs(f"Invalid kill parameter '{who}'")
+    if not 1 <= signo < NSIG:
+        raise InvalidArgs(f"Invalid signal {signo}")
+    return (who or "all", signo)
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def environment_is_valid(env: list[str]) -> bool:
+    """strv_env_is_valid(): NAME=value entries, valid names, no duplicate names."""
+    seen = set()
+    for entry in env:
+        name, eq, _value = entry.partition("=")
+        if not eq or not _ENV_NAME.match(name) or name in seen:
+            return False
+        seen.add(name)
+    return True

@@ -1,0 +1,133 @@
+"""Start-up, wiring and shutdown of the daemon (spec §1.2)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdbus.sd_bus_internals import SdBus, SdBusRequestNameError, sd_bus_open_system
+
+from .bus import client
+from .bus.auth import Authority
+from .bus.logcontrol import PATH as LOGCONTROL_PATH
+from .bus.logcontrol import LogControl
+from .bus.machine import MANAGER_PATH, MachineHandlers, MachineObjects
+from .bus.manager import Manager
+from .bus.objects import Dispatcher
+from .core.ports import ScopeBackend
+from .core.registry import Registry
+from .core.statefile import StateDir
+from .linux import cgroups
+from .linux.inotify import Inotify
+from .linux.notify import sd_notify, watchdog_interval
+from .linux.process import PidfdWatcher
+from .scopes.cgroupfs import CgroupfsBackend
+from .scopes.systemd1 import Systemd1Backend
+
+log = logging.getLogger(__name__)
+
+BUS_NAME = "org.freedesktop.machine1"
+
+
+@dataclass
+class Options:
+    state_dir: Path = Path("/run/systemd/machines")
+    scope_backend: str = "auto"  # auto | systemd1 | cgroupfs
+    stop_timeout: float = 90.0
+    log_level: str = "info"
+
+
+def host_machine_id() -> bytes:
+    try:
+        return bytes.fromhex(Path("/etc/machine-id").read_text().strip())
+    except (OSError, ValueError):
+        return b""
+
+
+async def _choose_backend(
+    bus: SdBus, options: Options, registry_ref: list[Registry]
+) -> ScopeBackend:
+    wanted = options.scope_backend
+    if wanted == "auto":
+        has_systemd = await client.name_has_owner(bus, "org.freedesktop.systemd1")
+        wanted = "systemd1" if has_systemd else "cgroupfs"
+    if wanted == "systemd1":
+        backend = Systemd1Backend(bus)
+        await backend.subscribe(
+            lambda job, unit, result: registry_ref[0].job_removed(job, unit, result),
+            lambda unit: registry_ref[0].unit_changed(unit),
+            lambda: registry_ref[0].manager_reloaded(),
+        )
+        return backend
+    mount = cgroups.cgroup2_mount()
+    if mount is None:
+        raise SystemExit("No cgroup2 hierarchy is mounted; the cgroupfs backend needs one.")
+    return CgroupfsBackend(cgroups.Hierarchy(mount), Inotify(asyncio.get_running_loop()),
+                           lambda unit: registry_ref[0].unit_changed(unit),
+                           stop_timeout=options.stop_timeout)
+
+
+async def run(options: Options) -> int:
+    loop = asyncio.get_running_loop()
+    statedir = StateDir(options.state_dir)
+    statedir.ensure()  # others test for this directory to see whether machined is there
+
+    stop = asyncio.Event()
+    for signo in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signo, stop.set)
+
+    bus = sd_bus_open_system()
+    dispatcher = Dispatcher(bus)
+    authority = Authority(bus)
+    logcontrol = LogControl(options.log_level)
+    dispatcher.export(LOGCONTROL_PATH, logcontrol.interface())
+
+    registry_ref: list[Registry] = []
+    backend = await _choose_backend(bus, options, registry_ref)
+    watcher = PidfdWatcher(loop)
+    objects = MachineObjects(dispatcher, None)  # type: ignore[arg-type]
+    registry = Registry(backend, watcher, statedir, objects, host_machine_id())
+    registry_ref.append(registry)
+    handlers = MachineHandlers(registry, authority)
+    objects.handlers = handlers
+    dispatcher.export(MANAGER_PATH, Manager(registry, handlers).interface())
+    await dispatcher.watch_peers()
+    log.info("Using the %s scope backend.", backend.name)
+
+    try:
+        await bus.request_name_async(BUS_NAME, 0)
+    except SdBusRequestNameError as e:
+        log.error("Failed to acquire %s: %s", BUS_NAME, e)
+        return 1
+
+    await registry.start()
+    sd_notify(f"READY=1\nSTATUS=Processing requests ({backend.name} scopes)...")
+    log.info("Ready: %d machine(s) registered.", len(registry.machines) - 1)
+
+    watchdog = None
+    interval = watchdog_interval()
+    if interval:
+        async def ping() -> None:
+            while True:
+                sd_notify("WATCHDOG=1")
+                await asyncio.sleep(interval)
+
+        watchdog = loop.create_task(ping())
+
+    await stop.wait()
+    log.info("Shutting down.")
+    sd_notify("STOPPING=1")
+    if watchdog is not None:
+        watchdog.cancel()
+    await dispatcher.drain()
+    await registry.shutdown()
+    if isinstance(backend, CgroupfsBackend):
+        await backend.close()
+    watcher.close()
+    with contextlib.suppress(Exception):
+        bus.close()
+    return 0

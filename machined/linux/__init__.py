@@ -1,0 +1,1 @@
+"""Every call into the kernel (cgroups, pidfds, inotify, sd_notify, namespaces)."""

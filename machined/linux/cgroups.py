@@ -1,0 +1,187 @@
+"""The cgroup2 hierarchy: where it is mounted, which unit a process is in, scopes we make.
+
+Paths handled here are cgroup paths relative to the hierarchy root ("/machine.slice/x.scope").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+from collections.abc import Iterator
+from functools import cache
+
+from ..core.errors import ErrnoError
+from ..core.names import unit_name_is_valid
+
+
+@cache
+def cgroup2_mount() -> str | None:
+    """The mount point of the cgroup2 hierarchy (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a
+    hybrid host), found in mountinfo rather than assumed."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return None
+    found = []
+    for fields in mounts:
+        sep = fields.index("-")
+        if fields[sep + 1] == "cgroup2":
+            found.append(fields[4].replace("\\040", " "))
+    for preferred in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+        if preferred in found:
+            return preferred
+    return found[0] if found else None
+
+
+def pid_cgroup(pid: int) -> str:
+    """The cgroup2 ("0::") path of pid, else its name=systemd path. ESRCH if pid is gone."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise ErrnoError(errno.ESRCH) from None
+    except OSError as e:
+        raise ErrnoError.from_oserror(e) from None
+    legacy = None
+    for line in lines:
+        hid, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hid == "0" and controllers == "":
+            return path
+        if controllers == "name=systemd":
+            legacy = path
+    if legacy is None:
+        raise ErrnoError(errno.ENOMEDIUM)
+    return legacy
+
+
+def _root_shift() -> str:
+    """PID 1's cgroup minus /init.scope: the prefix to strip from every path (cg_shift_path)."""
+    try:
+        root = pid_cgroup(1)
+    except ErrnoError:
+        return ""
+    for suffix in ("/init.scope", "/system.slice", "/system"):
+        if root.endswith(suffix):
+            root = root[: -len(suffix)]
+            break
+    return "" if root == "/" else root
+
+
+def _cg_unescape(component: str) -> str:
+    return component[1:] if component.startswith("_") else component
+
+
+def unit_of_cgroup(path: str) -> str | None:
+    """§6.8: skip leading slices; the next component, if a valid non-slice unit, is the unit."""
+    shift = _root_shift()
+    if shift and (path == shift or path.startswith(shift + "/")):
+        path = path[len(shift):]
+    for component in path.strip("/").split("/"):
+        if not component:
+            return None
+        name = _cg_unescape(component)
+        if name.endswith(".slice") and unit_name_is_valid(name):
+            continue
+        return name if unit_name_is_valid(name) else None
+    return None
+
+
+def unit_prefix(path: str, unit: str) -> str | None:
+    """The part of a cgroup path up to and including the component naming unit."""
+    parts = path.strip("/").split("/")
+    for i, component in enumerate(parts):
+        if _cg_unescape(component) == unit:
+            return "/" + "/".join(parts[: i + 1])
+    return None
+
+
+def slice_path(slice_name: str) -> str:
+    """systemd's slice nesting: "a-b.slice" lives at /a.slice/a-b.slice."""
+    if slice_name in ("", "-.slice"):
+        return ""
+    stem = slice_name.removesuffix(".slice")
+    parts = stem.split("-")
+    return "".join("/" + "-".join(parts[: i + 1]) + ".slice" for i in range(len(parts)))
+
+
+class Hierarchy:
+    """Operations on cgroups of the cgroup2 hierarchy mounted at `mount`."""
+
+    def __init__(self, mount: str) -> None:
+        self.mount = mount
+
+    def fs(self, path: str) -> str:
+        return self.mount + path
+
+    def exists(self, path: str) -> bool:
+        return os.path.isdir(self.fs(path))
+
+    def create(self, path: str) -> None:
+        os.makedirs(self.fs(path), mode=0o755, exist_ok=True)
+
+    def attach(self, path: str, pid: int) -> None:
+        with open(self.fs(path) + "/cgroup.procs", "w") as f:
+            f.write(str(pid))
+
+    def populated(self, path: str) -> bool:
+        try:
+            with open(self.fs(path) + "/cgroup.events") as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "populated":
+                        return value.strip() == "1"
+        except FileNotFoundError:
+            return False
+        return any(True for _ in self.pids(path))
+
+    def _dirs_bottom_up(self, path: str) -> list[str]:
+        out: list[str] = []
+        for dirpath, _dirnames, _files in os.walk(self.fs(path), topdown=False):
+            out.append(dirpath)
+        return out
+
+    def pids(self, path: str) -> Iterator[int]:
+        for dirpath in self._dirs_bottom_up(path):
+            with contextlib.suppress(OSError), open(dirpath + "/cgroup.procs") as f:
+                for line in f:
+                    if line.strip():
+                        yield int(line)
+
+    def kill(self, path: str, signo: int) -> int:
+        """Signal every process in the subtree; returns how many were signalled."""
+        if signo == signal.SIGKILL and os.path.exists(self.fs(path) + "/cgroup.kill"):
+            with contextlib.suppress(OSError), open(self.fs(path) + "/cgroup.kill", "w") as f:
+                f.write("1")
+                return 1
+        count = 0
+        for pid in self.pids(path):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signo)
+                count += 1
+        return count
+
+    def remove(self, path: str) -> bool:
+        """rmdir the subtree bottom-up; False if something is still in it."""
+        ok = True
+        for dirpath in self._dirs_bottom_up(path):
+            try:
+                os.rmdir(dirpath)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                ok = False
+        return ok
+
+    def remove_empty_parents(self, path: str) -> None:
+        """rmdir the slices above path while they are empty (as systemd collects them)."""
+        parent = os.path.dirname(path)
+        while parent not in ("", "/") and parent.endswith(".slice"):
+            try:
+                os.rmdir(self.fs(parent))
+            except OSError:
+                return
+            parent = os.path.dirname(parent)

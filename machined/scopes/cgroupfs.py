@@ -1,0 +1,221 @@
+"""Standalone scopes: the daemon itself manages machine.slice/machine-NAME.scope in the cgroup2
+hierarchy when no org.freedesktop.systemd1 is there to ask (hosts and containers without
+systemd as PID 1).
+
+What systemd would do for a scope, done here:
+  * CreateMachine: make the cgroup (honouring the caller's Slice=) and move the leader in;
+  * RegisterMachine: use the unit the leader's cgroup names; if it is in none (nothing manages
+    it), give it a scope of its own, together with the caller when the caller shares the
+    leader's cgroup (that is what `systemd-nspawn --keep-unit` means by "my unit");
+  * stop: KillSignal= (default SIGTERM) to the leader (KillMode=mixed, nspawn's choice) or to
+    every process, SIGKILL to what is left after TimeoutStopUSec=;
+  * a scope we made is removed as soon as it is empty, and the registry is told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..core.errors import ErrnoError, RemoteError
+from ..core.machine import Machine
+from ..core.names import machine_scope_name
+from ..core.ports import ScopeProperties
+from ..linux import cgroups
+from ..linux.inotify import IN_MODIFY, Inotify
+from ..linux.process import pid_exists
+from . import common
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SLICE = "machine.slice"
+
+
+@dataclass
+class Scope:
+    unit: str
+    path: str  # cgroup path relative to the hierarchy root
+    owned: bool  # we created it, so we remove it when it empties
+    kill_signal: int = signal.SIGTERM
+    kill_mode: str = "control-group"
+    stop_timeout: float = 90.0
+    watch: int = -1
+    stopping: asyncio.Task[None] | None = None
+
+
+class CgroupfsBackend:
+    name = "cgroupfs"
+
+    def __init__(
+        self,
+        hierarchy: cgroups.Hierarchy,
+        inotify: Inotify,
+        unit_changed: Callable[[str], None],
+        stop_timeout: float = 90.0,
+    ) -> None:
+        self.hierarchy = hierarchy
+        self.inotify = inotify
+        self.unit_changed = unit_changed
+        self.stop_timeout = stop_timeout
+        self.scopes: dict[str, Scope] = {}
+
+    # ------------------------------------------------------------- scope bookkeeping
+    def _track(self, scope: Scope) -> None:
+        old = self.scopes.pop(scope.unit, None)
+        if old is not None and old.watch >= 0:
+            self.inotify.remove(old.watch)
+        self.scopes[scope.unit] = scope
+        try:
+            scope.watch = self.inotify.add(self.hierarchy.fs(scope.path) + "/cgroup.events",
+                                           IN_MODIFY, lambda: self._events(scope))
+        except OSError as e:
+            log.debug("Cannot watch %s: %s", scope.path, e)
+
+    def _events(self, scope: Scope) -> None:
+        if self.hierarchy.populated(scope.path):
+            return
+        self._forget_if_empty(scope)
+        self.unit_changed(scope.unit)
+
+    def _forget_if_empty(self, scope: Scope) -> bool:
+        if self.hierarchy.populated(scope.path):
+            return False
+        if self.scopes.get(scope.unit) is scope:
+            del self.scopes[scope.unit]
+            if scope.watch >= 0:
+                self.inotify.remove(scope.watch)
+        if scope.owned:
+            self.hierarchy.remove(scope.path)
+            self.hierarchy.remove_empty_parents(scope.path)
+        return True
+
+    def _new_scope(self, unit: str, slice_name: str, pids: list[int]) -> Scope:
+        path = cgroups.slice_path(slice_name) + "/" + unit
+        if self.hierarchy.exists(path) and self.hierarchy.populated(path):
+            raise RemoteError("org.freedesktop.systemd1.UnitExists", f"Unit {unit} already exists.")
+        try:
+            self.hierarchy.create(path)
+            for pid in pids:
+                self.hierarchy.attach(path, pid)
+        except OSError as e:
+            self.hierarchy.remove(path)
+            err = errno.ESRCH if e.errno in (errno.ESRCH, errno.EINVAL) else (e.errno or errno.EIO)
+            raise ErrnoError(err, f"Failed to move PID {pids[0]} into scope {unit}: "
+                                  f"{ErrnoError(err).message}") from None
+        return Scope(unit=unit, path=path, owned=True, stop_timeout=self.stop_timeout)
+
+    # ------------------------------------------------------------- ScopeBackend
+    async def start_scope(self, m: Machine, properties: ScopeProperties) -> str:
+        unit = machine_scope_name(m.name)
+        settings = dict(properties)
+        slice_name = str(settings.get("Slice", ("s", DEFAULT_SLICE))[1])
+        scope = self._new_scope(unit, slice_name, [m.leader])
+        if "KillSignal" in settings:
+            scope.kill_signal = int(settings["KillSignal"][1])
+        if "KillMode" in settings:
+            scope.kill_mode = str(settings["KillMode"][1])
+        if "TimeoutStopUSec" in settings:
+            scope.stop_timeout = int(settings["TimeoutStopUSec"][1]) / 1e6
+        self._track(scope)
+        m.unit = unit
+        m.referenced = True
+        return ""
+
+    async def unit_for_registration(self, m: Machine, sender_pid: int) -> None:
+        try:
+            m.unit = common.leader_unit(m.leader)
+        except ErrnoError as e:
+            if e.errno != errno.ENXIO:
+                raise
+        else:
+            path = cgroups.unit_prefix(cgroups.pid_cgroup(m.leader), m.unit)
+            if path is not None and m.unit not in self.scopes:
+                self._track(Scope(unit=m.unit, path=path, owned=False,
+                                  stop_timeout=self.stop_timeout))
+            return
+        # Nothing manages the leader: give it a scope of its own.
+        pids = [m.leader]
+        leader_cgroup = cgroups.pid_cgroup(m.leader)
+        if sender_pid not in (0, 1, m.leader):
+            with contextlib.suppress(ErrnoError):
+                if cgroups.pid_cgroup(sender_pid) == leader_cgroup:
+                    pids.append(sender_pid)
+        unit = machine_scope_name(m.name)
+        self._track(self._new_scope(unit, DEFAULT_SLICE, pids))
+        m.unit = unit
+        m.referenced = True
+
+    def unit_of_pid(self, pid: int) -> str | None:
+        return common.unit_of_pid(pid)
+
+    async def stop(self, m: Machine) -> str:
+        scope = self.scopes.get(m.unit)
+        if scope is not None and scope.stopping is None:
+            scope.stopping = asyncio.get_running_loop().create_task(self._stop(scope, m.leader))
+        return ""
+
+    async def _stop(self, scope: Scope, leader: int) -> None:
+        try:
+            if scope.kill_mode == "mixed":
+                with contextlib.suppress(OSError):
+                    os.kill(leader, scope.kill_signal)
+            else:
+                self.hierarchy.kill(scope.path, scope.kill_signal)
+            deadline = time.monotonic() + scope.stop_timeout
+            while time.monotonic() < deadline:
+                if not self.hierarchy.populated(scope.path):
+                    return
+                await asyncio.sleep(0.1)
+            log.info("Scope %s did not stop in time, killing it.", scope.unit)
+            self.hierarchy.kill(scope.path, signal.SIGKILL)
+        finally:
+            scope.stopping = None
+
+    async def kill(self, m: Machine, signo: int) -> None:
+        scope = self.scopes.get(m.unit)
+        if scope is None:
+            raise ErrnoError(errno.ENOENT)
+        self.hierarchy.kill(scope.path, signo)
+
+    async def unit_is_active(self, m: Machine) -> bool:
+        scope = self.scopes.get(m.unit)
+        if scope is None:
+            return False
+        return not self._forget_if_empty(scope)
+
+    async def job_is_active(self, job: str) -> bool:
+        return False
+
+    async def release(self, m: Machine) -> None:
+        m.referenced = False
+        scope = self.scopes.get(m.unit)
+        if scope is not None:
+            self._forget_if_empty(scope)
+
+    def adopt(self, m: Machine) -> bool:
+        if not pid_exists(m.leader):
+            return False
+        if not m.unit:
+            return True
+        try:
+            path = cgroups.unit_prefix(cgroups.pid_cgroup(m.leader), m.unit)
+        except ErrnoError:
+            return False
+        if path is None:
+            return False  # the leader is not in its unit: the PID was reused
+        owned = m.unit == machine_scope_name(m.name) and path.endswith("/" + m.unit)
+        self._track(Scope(unit=m.unit, path=path, owned=owned, stop_timeout=self.stop_timeout))
+        m.referenced = owned
+        return True
+
+    async def close(self) -> None:
+        for scope in list(self.scopes.values()):
+            if scope.stopping is not None:
+                scope.stopping.cancel()
