@@ -1,0 +1,300 @@
+"""The registry's life cycle with in-memory stand-ins for the scope backend and pidfds."""
+
+import asyncio
+import errno
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from machined.core.errors import ErrnoError, JobFailed, MachineExists, RemoteError
+from machined.core.machine import Machine, MachineClass
+from machined.core.registry import Registry
+from machined.core.statefile import StateDir
+from machined.core.validate import machine_spec
+
+
+class FakeBackend:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.active: set[str] = set()
+        self.jobs: set[str] = set()
+        self.calls: list[tuple[str, str]] = []
+        self.job_mode = False  # CreateMachine gets a start job to wait for
+        self.pid_units: dict[int, str] = {}
+        self.fail_start: RemoteError | None = None
+        self._n = 0
+
+    async def start_scope(self, m: Machine, properties: list) -> str:  # type: ignore[type-arg]
+        self.calls.append(("start", m.name))
+        if self.fail_start:
+            raise self.fail_start
+        m.unit = f"machine-{m.name}.scope"
+        m.referenced = True
+        self.active.add(m.unit)
+        if self.job_mode:
+            self._n += 1
+            job = f"/job/{self._n}"
+            self.jobs.add(job)
+            return job
+        return ""
+
+    async def unit_for_registration(self, m: Machine, sender_pid: int) -> None:
+        unit = self.pid_units.get(m.leader)
+        if unit is None:
+            raise ErrnoError(errno.ENXIO, f"Failed to determine unit of process {m.leader} : x")
+        m.unit = unit
+
+    def unit_of_pid(self, pid: int) -> str | None:
+        return self.pid_units.get(pid)
+
+    async def stop(self, m: Machine) -> str:
+        self.calls.append(("stop", m.unit))
+        return ""
+
+    async def kill(self, m: Machine, signo: int) -> None:
+        self.calls.append(("kill", f"{m.unit}:{signo}"))
+
+    async def unit_is_active(self, m: Machine) -> bool:
+        return m.unit in self.active
+
+    async def job_is_active(self, job: str) -> bool:
+        return job in self.jobs
+
+    async def release(self, m: Machine) -> None:
+        self.calls.append(("release", m.unit))
+        m.referenced = False
+
+    def adopt(self, m: Machine) -> bool:
+        return True
+
+
+class FakeWatcher:
+    def __init__(self) -> None:
+        self.dead: set[int] = set()
+        self.callbacks: dict[int, Callable[[], None]] = {}
+        self.signals: list[tuple[int, int]] = []
+
+    def watch(self, pid: int, on_exit: Callable[[], None]) -> bool:
+        if pid in self.dead:
+            return False
+        self.callbacks[pid] = on_exit
+        return True
+
+    def unwatch(self, pid: int) -> None:
+        self.callbacks.pop(pid, None)
+
+    def alive(self, pid: int) -> bool:
+        return pid not in self.dead
+
+    def signal(self, pid: int, signo: int) -> None:
+        self.signals.append((pid, signo))
+
+    def exit(self, pid: int) -> None:
+        self.dead.add(pid)
+        self.callbacks.pop(pid)()
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def machine_added(self, m: Machine) -> None:
+        self.events.append(("added", m.name))
+
+    def machine_new(self, m: Machine) -> None:
+        self.events.append(("new", m.name))
+
+    def machine_removed(self, m: Machine) -> None:
+        self.events.append(("removed", m.name))
+
+    def machine_freed(self, m: Machine) -> None:
+        self.events.append(("freed", m.name))
+
+
+class World:
+    def __init__(self, tmp: Path) -> None:
+        self.backend = FakeBackend()
+        self.watcher = FakeWatcher()
+        self.listener = Listener()
+        self.statedir = StateDir(tmp)
+        self.registry = Registry(self.backend, self.watcher, self.statedir, self.listener,
+                                 bytes(range(16)))
+
+    async def settle(self) -> None:
+        for _ in range(10):
+            await asyncio.sleep(0)
+
+
+def spec(name: str = "ct", leader: int = 100, cls: str = "container"):  # type: ignore[no-untyped-def]
+    return machine_spec(name, b"", "svc", cls, leader, "/srv", [])
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return World(tmp_path)
+
+
+async def test_create_announces_and_writes_state(world: World) -> None:
+    await world.registry.start()
+    m = await world.registry.create(spec(), [], 42)
+    assert m.started and m.unit == "machine-ct.scope" and m.state == "running"
+    assert ("new", "ct") in world.listener.events
+    assert (world.statedir.path / "ct").read_text().startswith("# This is private data.")
+    assert world.registry.by_pid(100) is m
+    assert world.registry.get(".host").cls is MachineClass.HOST  # type: ignore[union-attr]
+
+
+async def test_leader_zero_means_sender(world: World) -> None:
+    m = await world.registry.create(spec(leader=0), [], 4242)
+    assert m.leader == 4242
+
+
+async def test_create_waits_for_start_job(world: World) -> None:
+    world.backend.job_mode = True
+    task = asyncio.ensure_future(world.registry.create(spec(), [], 1))
+    await world.settle()
+    assert not task.done()
+    m = world.registry.get("ct")
+    assert m is not None and m.state == "opening" and m.started
+    world.registry.job_removed(m.scope_job, m.unit, "done")
+    assert (await task) is m and m.state == "running"
+    assert "SCOPE_JOB" not in (world.statedir.path / "ct").read_text()
+
+
+async def test_failed_start_job_gives_jobfailed_and_removes(world: World) -> None:
+    world.backend.job_mode = True
+    task = asyncio.ensure_future(world.registry.create(spec(), [], 1))
+    await world.settle()
+    m = world.registry.get("ct")
+    assert m is not None
+    world.backend.active.discard(m.unit)
+    world.backend.jobs.clear()
+    world.registry.job_removed(m.scope_job, m.unit, "failed")
+    with pytest.raises(JobFailed, match="Start job for unit machine-ct.scope failed with 'failed'"):
+        await task
+    await world.settle()
+    assert world.registry.get("ct") is None
+    assert ("removed", "ct") in world.listener.events
+
+
+async def test_job_removed_before_start_reply_is_not_lost(world: World) -> None:
+    world.backend.job_mode = True
+    world.registry.job_removed("/job/1", "machine-ct.scope", "done")  # overtakes the reply
+    m = await asyncio.wait_for(world.registry.create(spec(), [], 1), 1)
+    assert m.state == "running"
+
+
+async def test_scope_start_error_is_passed_on_and_machine_dropped(world: World) -> None:
+    world.backend.fail_start = RemoteError("org.freedesktop.DBus.Error.ServiceUnknown", "nope")
+    with pytest.raises(RemoteError):
+        await world.registry.create(spec(), [], 1)
+    await world.settle()
+    assert world.registry.get("ct") is None
+    assert ("new", "ct") not in world.listener.events
+
+
+async def test_name_and_leader_uniqueness(world: World) -> None:
+    await world.registry.create(spec(), [], 1)
+    with pytest.raises(MachineExists, match="Machine 'ct' already exists"):
+        await world.registry.create(spec(), [], 1)
+    with pytest.raises(ErrnoError) as e:
+        await world.registry.create(spec(name="other"), [], 1)
+    assert e.value.errno == errno.EEXIST
+    await world.settle()
+    assert world.registry.get("other") is None
+
+
+async def test_unknown_class_fails_to_start(world: World) -> None:
+    with pytest.raises(ErrnoError) as e:
+        await world.registry.create(spec(cls=""), [], 1)
+    assert e.value.errno == errno.EOPNOTSUPP
+    await world.settle()
+    assert world.registry.get("ct") is None
+
+
+async def test_leader_exit_removes_machine(world: World) -> None:
+    await world.registry.create(spec(), [], 1)
+    world.watcher.exit(100)
+    await world.settle()
+    assert world.registry.get("ct") is None
+    assert world.listener.events[-2:] == [("removed", "ct"), ("freed", "ct")]
+    assert not (world.statedir.path / "ct").exists()
+    assert ("stop", "machine-ct.scope") in world.backend.calls  # our scope: leftovers stopped
+
+
+async def test_unit_gone_removes_machine(world: World) -> None:
+    m = await world.registry.create(spec(), [], 1)
+    world.backend.active.discard(m.unit)
+    world.registry.unit_changed(m.unit)
+    await world.settle()
+    assert world.registry.get("ct") is None
+
+
+async def test_register_uses_leader_unit_and_never_stops_it(world: World) -> None:
+    world.backend.pid_units[100] = "foo.service"
+    m = await world.registry.register(spec(), 1)
+    assert m.unit == "foo.service" and not m.referenced
+    world.backend.pid_units[200] = "foo.service"
+    # A second machine in the same unit with an unknown class fails; the first unit survives.
+    with pytest.raises(ErrnoError):
+        await world.registry.register(spec(name="two", leader=200, cls=""), 1)
+    await world.settle()
+    assert ("stop", "foo.service") not in world.backend.calls
+    assert world.registry.get("ct") is m
+    assert (world.statedir.path / "unit:foo.service").is_symlink()
+
+
+async def test_register_without_unit_fails_with_message(world: World) -> None:
+    with pytest.raises(ErrnoError, match="Failed to determine unit of process 100 : "):
+        await world.registry.register(spec(), 1)
+    await world.settle()
+    assert world.registry.get("ct") is None
+
+
+async def test_unregister_keeps_unit_running(world: World) -> None:
+    m = await world.registry.create(spec(), [], 1)
+    world.registry.unregister(m)
+    await world.settle()
+    assert world.registry.get("ct") is None
+    assert ("stop", m.unit) not in world.backend.calls
+    assert ("release", m.unit) in world.backend.calls
+
+
+async def test_terminate_and_kill(world: World) -> None:
+    m = await world.registry.create(spec(), [], 1)
+    await world.registry.kill(m, "leader", 9)
+    await world.registry.kill(m, "all", 15)
+    assert world.watcher.signals == [(100, 9)]
+    assert ("kill", "machine-ct.scope:15") in world.backend.calls
+    await world.registry.terminate(m)
+    assert m.state == "closing"
+    with pytest.raises(ErrnoError) as e:
+        await world.registry.terminate(world.registry.host)
+    assert e.value.errno == errno.EOPNOTSUPP
+
+
+async def test_host_is_never_collected(world: World) -> None:
+    await world.registry.start()
+    world.registry.unregister(world.registry.host)
+    world.registry.manager_reloaded()
+    await world.settle()
+    assert world.registry.get(".host") is world.registry.host
+
+
+async def test_reload_keeps_live_and_drops_dead(world: World, tmp_path: Path) -> None:
+    a = await world.registry.create(spec("a", 100), [], 1)
+    await world.registry.create(spec("b", 200), [], 1)
+    # a new daemon on the same state directory; b's leader died meanwhile
+    again = World(tmp_path)
+    again.backend.active = {"machine-a.scope", "machine-b.scope"}
+    again.watcher.dead.add(200)
+    await again.registry.start()
+    await again.settle()
+    ra = again.registry.get("a")
+    assert ra is not None and ra.started and ra.timestamp == a.timestamp
+    assert ("new", "a") in again.listener.events
+    assert again.registry.get("b") is None
+    assert ("new", "b") not in again.listener.events
+    assert not (tmp_path / "b").exists()

@@ -1,0 +1,79 @@
+import os
+import stat
+from pathlib import Path
+
+from machined.core.machine import Machine, MachineClass, Timestamp
+from machined.core.statefile import StateDir, apply, parse_env_file, serialize
+
+
+def sample() -> Machine:
+    return Machine(
+        name="spec-ct", cls=MachineClass.CONTAINER, id=bytes.fromhex("112233445566778899aabbccddeeff00"),
+        service="spec-svc", root_directory="/tmp/spec/root", unit="spec-test.scope", leader=21914,
+        timestamp=Timestamp(1795305319304102, 530503579), netif=[1, 7], started=True,
+    )
+
+
+def test_serialize_matches_252_example() -> None:
+    assert serialize(sample()) == (
+        "# This is private data. Do not parse.\n"
+        "NAME=spec-ct\nSCOPE=spec-test.scope\nSERVICE=spec-svc\nROOT=/tmp/spec/root\n"
+        "ID=112233445566778899aabbccddeeff00\nLEADER=21914\nCLASS=container\n"
+        "REALTIME=1795305319304102\nMONOTONIC=530503579\nNETIF=1 7\n"
+    )
+
+
+def test_serialize_omits_absent_keys_and_writes_job() -> None:
+    m = Machine(name="x", unit="machine-x.scope", scope_job="/org/freedesktop/systemd1/job/5",
+                id=bytes(16))
+    text = serialize(m)
+    assert "SCOPE_JOB=/org/freedesktop/systemd1/job/5\n" in text
+    for key in ("SERVICE=", "ROOT=", "ID=", "LEADER=", "CLASS=", "REALTIME=", "NETIF="):
+        assert key not in text
+
+
+def test_roundtrip_with_escapes() -> None:
+    m = sample()
+    m.unit = "machine-my\\x2dct.scope"
+    m.root_directory = "/srv/with space/x"
+    back = Machine(name="spec-ct")
+    apply(back, parse_env_file(serialize(m)))
+    assert back.unit == m.unit
+    assert back.root_directory == m.root_directory
+    assert (back.id, back.leader, back.cls, back.netif) == (m.id, m.leader, m.cls, m.netif)
+    assert back.timestamp == m.timestamp
+
+
+def test_escaped_control_characters_read_back_like_252() -> None:
+    # 252's env-file reader is not the inverse of cescape: "\\t" reads back as "t".
+    m = Machine(name="x")
+    apply(m, parse_env_file("ROOT=/a\\tb\n"))
+    assert m.root_directory == "/atb"
+
+
+def test_parse_ignores_garbage() -> None:
+    m = Machine(name="x")
+    apply(m, parse_env_file("ID=zz\nLEADER=abc\nCLASS=foo\nNETIF=1 x -2 3\nREALTIME=1\n"))
+    assert m.id == b"" and m.leader == 0 and m.cls is MachineClass.UNKNOWN
+    assert m.netif == [1, 3] and m.timestamp is None
+
+
+def test_save_is_atomic_and_links_unit(tmp_path: Path) -> None:
+    d = StateDir(tmp_path / "machines")
+    m = sample()
+    d.save(m)
+    f = tmp_path / "machines" / "spec-ct"
+    assert stat.S_IMODE(f.stat().st_mode) == 0o644
+    assert os.readlink(tmp_path / "machines" / "unit:spec-test.scope") == "spec-ct"
+    assert [p.name for p in (tmp_path / "machines").iterdir() if p.name.startswith(".#")] == []
+    d.save(m)  # an existing link is left alone
+    loaded = list(d.load())
+    assert [x.name for x in loaded] == ["spec-ct"] and loaded[0].leader == 21914
+    d.remove(m)
+    assert list((tmp_path / "machines").iterdir()) == []
+
+
+def test_load_skips_hidden_backup_and_invalid(tmp_path: Path) -> None:
+    for name in (".#tmp", "a~", "bad_name", "unit:x.scope", "good", "x.dpkg-old"):
+        (tmp_path / name).write_text("CLASS=container\nLEADER=5\n")
+    assert [m.name for m in StateDir(tmp_path).load()] == ["good"]
