@@ -24,6 +24,16 @@ def pid_exists(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
+def parent_pid(pid: int) -> int:
+    """The parent of pid, or 0 if pid is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0
+    return int(stat[stat.rfind(b")") + 2 :].split()[1])
+
+
 class PidfdWatcher:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

@@ -5,8 +5,8 @@ systemd as PID 1).
 What systemd would do for a scope, done here:
   * CreateMachine: make the cgroup (honouring the caller's Slice=) and move the leader in;
   * RegisterMachine: use the unit the leader's cgroup names; if it is in none (nothing manages
-    it), give it a scope of its own, together with the caller when the caller shares the
-    leader's cgroup (that is what `systemd-nspawn --keep-unit` means by "my unit");
+    it), give it a scope of its own, together with the caller when the caller is the leader's
+    parent in the same cgroup (that is what `systemd-nspawn --keep-unit` means by "my unit");
   * stop: KillSignal= (default SIGTERM) to the leader (KillMode=mixed, nspawn's choice) or to
     every process, SIGKILL to what is left after TimeoutStopUSec=;
   * a scope we made is removed as soon as it is empty, and the registry is told.
@@ -30,7 +30,7 @@ from ..core.names import machine_scope_name
 from ..core.ports import ScopeProperties
 from ..linux import cgroups
 from ..linux.inotify import IN_MODIFY, Inotify
-from ..linux.process import pid_exists
+from ..linux.process import parent_pid, pid_exists
 from . import common
 
 log = logging.getLogger(__name__)
@@ -142,15 +142,24 @@ class CgroupfsBackend:
             return
         # Nothing manages the leader: give it a scope of its own.
         pids = [m.leader]
-        leader_cgroup = cgroups.pid_cgroup(m.leader)
-        if sender_pid not in (0, 1, m.leader):
-            with contextlib.suppress(ErrnoError):
-                if cgroups.pid_cgroup(sender_pid) == leader_cgroup:
-                    pids.append(sender_pid)
+        if self._is_supervisor(sender_pid, m.leader):
+            pids.append(sender_pid)
         unit = machine_scope_name(m.name)
         self._track(self._new_scope(unit, DEFAULT_SLICE, pids))
         m.unit = unit
         m.referenced = True
+
+    @staticmethod
+    def _is_supervisor(sender_pid: int, leader: int) -> bool:
+        """The caller is the leader's parent in the same cgroup, as `systemd-nspawn --keep-unit`
+        is: the leader's unit is the caller's own, so both belong in the new scope. Any other
+        caller (a manager registering some process) stays where it is."""
+        if sender_pid in (0, 1, leader) or parent_pid(leader) != sender_pid:
+            return False
+        try:
+            return cgroups.pid_cgroup(sender_pid) == cgroups.pid_cgroup(leader)
+        except ErrnoError:
+            return False
 
     def unit_of_pid(self, pid: int) -> str | None:
         return common.unit_of_pid(pid)
