@@ -60,12 +60,12 @@ def bus_introspect(target: str) -> int:
         "/org/freedesktop/machine1/image": image_interface_template(),
         "/org/freedesktop/LogControl1": LogControl().interface(),
     }
-    iface = interfaces.get(target)
-    if iface is None:
+    found = interfaces.get(target)
+    if found is None:
         print(f"Introspection for \"{target}\" not found, see --bus-introspect=list.",
               file=sys.stderr)
         return 1
-    sys.stdout.write(node_xml(iface))
+    sys.stdout.write(node_xml(found))
     return 0
 
 

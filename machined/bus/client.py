@@ -14,7 +14,7 @@ DBUS_ERROR_FAILED = "org.freedesktop.DBus.Error.Failed"
 def remote_error(exc: BaseException) -> RemoteError:
     """The error name and message of a failed call, whatever sdbus made of it."""
     name = getattr(type(exc), "dbus_error_name", None)
-    args = getattr(exc, "args", ())
+    args: tuple[object, ...] = tuple(getattr(exc, "args", ()))
     if name is None:
         # SdBusUnmappedMessageError carries (name, message)
         if len(args) >= 2 and isinstance(args[0], str):

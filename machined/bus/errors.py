@@ -116,7 +116,7 @@ def to_dbus(exc: BaseException) -> tuple[str, str]:
         return errno_name(exc.errno), exc.message
     if isinstance(exc, E.MachinedError):
         for klass in type(exc).__mro__:
-            name = _CLASS_TO_NAME.get(klass)  # type: ignore[arg-type]
+            name = _CLASS_TO_NAME.get(klass)
             if name:
                 return name, exc.message
         return DBUS + "Failed", exc.message

@@ -55,7 +55,8 @@ class MachineHandlers:
 
 
 def machine_interface(m: Machine, h: MachineHandlers) -> Interface:
-    def prop(name: str, sig: str, getter: Any, emits: str = CONST, hidden: bool = False) -> Property:
+    def prop(name: str, sig: str, getter: Any, emits: str = CONST,
+             hidden: bool = False) -> Property:
         return Property(name, sig, getter, emits, hidden)
 
     pending = MachineHandlers.pending

@@ -9,7 +9,7 @@ from ..core.machine import Machine
 from ..core.ports import ScopeProperties
 from ..core.registry import Registry
 from ..core.validate import machine_spec
-from .machine import MANAGER_IFACE, MANAGER_SIGNALS, INSIDE_ISSUE, MachineHandlers
+from .machine import INSIDE_ISSUE, MANAGER_IFACE, MANAGER_SIGNALS, MachineHandlers
 from .objects import Call, Interface, Method, Property
 
 POOL_PATH = "/var/lib/machines"

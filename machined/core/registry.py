@@ -17,7 +17,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Iterator
 
-from .errors import ErrnoError, JobFailed, MachineExists, MachinedError
+from .errors import ErrnoError, JobFailed, MachinedError, MachineExists
 from .machine import Machine, MachineClass, Timestamp
 from .ports import ProcessWatcher, RegistryListener, ScopeBackend, ScopeProperties
 from .statefile import StateDir

@@ -1,8 +1,14 @@
 import pytest
 
 from machined.core.names import (
-    bus_label_escape, bus_label_unescape, cescape, hidden_or_backup_file, image_name_is_valid,
-    machine_name_is_valid, machine_scope_name, unit_name_escape,
+    bus_label_escape,
+    bus_label_unescape,
+    cescape,
+    hidden_or_backup_file,
+    image_name_is_valid,
+    machine_name_is_valid,
+    machine_scope_name,
+    unit_name_escape,
 )
 
 
