@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -69,6 +70,13 @@ def bus_introspect(target: str) -> int:
     return 0
 
 
+def raise_fd_limit() -> None:
+    """One pidfd per leader: lift the soft RLIMIT_NOFILE (often 1024) to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from .bus.logcontrol import LEVELS
 
@@ -99,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bus_introspect:
         return bus_introspect(args.bus_introspect)
     os.umask(0o022)
+    raise_fd_limit()
     setup_logging(args.log_level)
     from .daemon import Options, run
 
