@@ -1,0 +1,190 @@
+"""Machines with a plain process as leader, driven through busctl: RegisterMachine and
+CreateMachine (cgroupfs backend), GetMachineByPID, MachineNew/MachineRemoved, TerminateMachine,
+KillMachine, UnregisterMachine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.helpers.busdaemon import BusDaemon
+from tests.helpers.daemon import Machined, wait_for
+
+from .support import (
+    Monitor,
+    Processes,
+    assert_machine_gone,
+    assert_state_file,
+    cgroup_of,
+    cgroup_pids,
+    create_machine,
+    machine_path,
+    machine_prop,
+    mcall,
+    mcall_data,
+    pid_alive,
+    register_machine,
+    scope_dir,
+    scope_name,
+    unique_name,
+    unit_link,
+)
+
+MACHINE_ID = bytes(range(0x10, 0x20))
+
+
+def forking_leader(procs: Processes) -> subprocess.Popen[str]:
+    """A shell that forks a `sleep` child only when told to (so the child is born in whatever
+    scope the leader was moved to); prints the child's PID."""
+    return procs.spawn(["sh", "-c", "read line; sleep 60 & echo $!; wait"],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def fork_child(leader: subprocess.Popen[str]) -> int:
+    assert leader.stdin is not None and leader.stdout is not None
+    leader.stdin.write("go\n")
+    leader.stdin.flush()
+    return int(leader.stdout.readline())
+
+
+def assert_in_scope(name: str, pid: int) -> None:
+    unit = scope_name(name)
+    assert cgroup_of(pid) == f"/machine.slice/{unit}"
+    assert pid in cgroup_pids(scope_dir(name))
+
+
+def test_register_machine(bus: BusDaemon, machined: Machined, monitor: Monitor,
+                          procs: Processes) -> None:
+    """RegisterMachine of a process in no unit: the daemon gives it machine-NAME.scope."""
+    name = unique_name("reg")
+    unit = scope_name(name)
+    leader = forking_leader(procs)
+    path = register_machine(bus, name, leader.pid, machine_id=MACHINE_ID, root="/srv/e2e")
+    assert path == machine_path(name)
+    assert monitor.wait_signal("MachineNew", lambda a: a[0] == name) == [name, path]
+    assert machine_prop(bus, name, "Unit") == unit
+    assert machine_prop(bus, name, "Leader") == leader.pid
+    assert machine_prop(bus, name, "State") == "running"
+    assert machine_prop(bus, name, "Id") == list(MACHINE_ID)
+    assert_in_scope(name, leader.pid)
+    data = assert_state_file(name, {"NAME": name, "SCOPE": unit, "SERVICE": "e2e-test",
+                                    "ROOT": "/srv/e2e", "ID": MACHINE_ID.hex(),
+                                    "LEADER": str(leader.pid), "CLASS": "container"})
+    assert list(data) == ["NAME", "SCOPE", "SERVICE", "ROOT", "ID", "LEADER", "CLASS",
+                          "REALTIME", "MONOTONIC"]
+    assert os.readlink(unit_link(unit)) == name
+
+    # GetMachineByPID: the leader (leader table) and a child born in the scope (its cgroup)
+    child = fork_child(leader)
+    assert_in_scope(name, child)
+    assert mcall_data(bus, "GetMachineByPID", "u", leader.pid) == [path]
+    assert mcall_data(bus, "GetMachineByPID", "u", child) == [path]
+    outsider = procs.sleeper()
+    out = mcall(bus, "GetMachineByPID", "u", outsider.pid, check=False)
+    assert out.returncode != 0
+    assert f"PID {outsider.pid} does not belong to any known machine" in out.stderr
+
+    # TerminateMachine: SIGTERM to the scope, the machine goes, the scope cgroup too
+    mcall(bus, "TerminateMachine", "s", name)
+    assert monitor.wait_signal("MachineRemoved", lambda a: a[0] == name, timeout=3) == [name,
+                                                                                        path]
+    wait_for(lambda: not pid_alive(child), 3, what="the child to die")
+    assert leader.wait(3) == -signal.SIGTERM
+    wait_for(lambda: not scope_dir(name).exists(), 3, what="the scope cgroup to go")
+    assert_machine_gone(bus, name, unit)
+
+
+def test_create_machine_empty_properties(bus: BusDaemon, machined: Machined, monitor: Monitor,
+                                         procs: Processes) -> None:
+    name = unique_name("-cr")  # a dash: the unit name escapes it
+    unit = scope_name(name)
+    assert "\\x2d" in unit
+    leader = procs.sleeper()
+    path = create_machine(bus, name, leader.pid, props=["0"], cls="vm", service="qemu")
+    assert path == machine_path(name)
+    assert monitor.wait_signal("MachineNew", lambda a: a[0] == name) == [name, path]
+    assert machine_prop(bus, name, "Unit") == unit
+    assert machine_prop(bus, name, "Class") == "vm"
+    assert machine_prop(bus, name, "Service") == "qemu"
+    assert machine_prop(bus, name, "State") == "running"
+    assert_in_scope(name, leader.pid)
+    # SCOPE= is C-escaped (§7.2): the backslash of \x2d is doubled
+    data = assert_state_file(name, {"NAME": name, "SCOPE": unit.replace("\\", "\\\\"),
+                                    "SERVICE": "qemu",
+                                    "LEADER": str(leader.pid), "CLASS": "vm"})
+    assert "ROOT" not in data and "ID" not in data and "SCOPE_JOB" not in data
+    assert os.readlink(unit_link(unit)) == name
+    assert mcall_data(bus, "GetMachineByPID", "u", leader.pid) == [path]
+
+    # The leader dies on its own: machine and scope go.
+    os.kill(leader.pid, signal.SIGKILL)
+    leader.wait(3)
+    assert monitor.wait_signal("MachineRemoved", lambda a: a[0] == name, timeout=2) == [name,
+                                                                                        path]
+    wait_for(lambda: not scope_dir(name).exists(), 2, what="the scope cgroup to go")
+    assert_machine_gone(bus, name, unit)
+
+
+def test_kill_machine(bus: BusDaemon, machined: Machined, monitor: Monitor,
+                      procs: Processes) -> None:
+    name = unique_name("kill")
+    leader = forking_leader(procs)
+    create_machine(bus, name, leader.pid)
+    child = fork_child(leader)
+    assert_in_scope(name, child)
+
+    def state(pid: int) -> str:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rfind(")") + 2]
+
+    # who=leader: only the leader
+    mcall(bus, "KillMachine", "ssi", name, "leader", signal.SIGSTOP)
+    wait_for(lambda: state(leader.pid) == "T", 3, what="the leader to stop")
+    assert state(child) == "S"
+    # who=all: everything in the scope
+    mcall(bus, "KillMachine", "ssi", name, "all", signal.SIGSTOP)
+    wait_for(lambda: state(child) == "T", 3, what="the child to stop")
+    # who="" means all
+    mcall(bus, "KillMachine", "ssi", name, "", signal.SIGCONT)
+    wait_for(lambda: state(leader.pid) == "S" and state(child) == "S", 3,
+             what="both to continue")
+    assert machine_prop(bus, name, "State") == "running"
+    monitor.sync()
+    assert monitor.signals("MachineRemoved") == []
+
+    mcall(bus, "KillMachine", "ssi", name, "all", signal.SIGKILL)
+    monitor.wait_signal("MachineRemoved", lambda a: a[0] == name, timeout=3)
+    assert leader.wait(3) == -signal.SIGKILL
+    assert not pid_alive(child)
+    wait_for(lambda: not scope_dir(name).exists(), 2, what="the scope cgroup to go")
+    assert_machine_gone(bus, name, scope_name(name))
+
+
+def test_unregister_keeps_scope_running(bus: BusDaemon, machined: Machined, monitor: Monitor,
+                                        procs: Processes) -> None:
+    name = unique_name("unreg")
+    unit = scope_name(name)
+    leader = procs.sleeper()
+    path = register_machine(bus, name, leader.pid, netif=[3])
+    assert_state_file(name, {"NETIF": "3"})
+    mcall(bus, "UnregisterMachine", "s", name)
+    assert monitor.wait_signal("MachineRemoved", lambda a: a[0] == name, timeout=2) == [name,
+                                                                                        path]
+    assert_machine_gone(bus, name, unit)
+    # the scope keeps running
+    time.sleep(0.5)
+    assert pid_alive(leader.pid)
+    assert_in_scope(name, leader.pid)
+    out = mcall(bus, "GetMachineByPID", "u", leader.pid, check=False)
+    assert out.returncode != 0 and "does not belong to any known machine" in out.stderr
+    # the name is free again
+    assert mcall(bus, "GetMachine", "s", name, check=False).returncode != 0
+    # we stop it ourselves; the now empty scope does not linger
+    leader.kill()
+    leader.wait(3)
+    wait_for(lambda: not scope_dir(name).exists(), 3, what="the empty scope to be removed")
+    assert monitor.signals("MachineRemoved").count([name, path]) == 1
+    assert monitor.signals("MachineNew").count([name, path]) == 1

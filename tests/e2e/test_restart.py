@@ -1,0 +1,109 @@
+"""The daemon is killed with SIGKILL and started again (cgroupfs backend): machines whose leader
+still runs come back from their state files (same timestamp, MachineNew again), the others are
+dropped with their files."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from tests.helpers.busdaemon import BusDaemon
+from tests.helpers.daemon import Machined, wait_for
+
+from .support import (
+    Monitor,
+    Processes,
+    assert_machine_gone,
+    create_machine,
+    machine_names,
+    machine_path,
+    machine_prop,
+    mcall,
+    mcall_data,
+    pid_alive,
+    register_machine,
+    scope_dir,
+    scope_name,
+    state_file,
+    state_items,
+    unique_name,
+    unit_link,
+)
+
+PROPS = ("Name", "Id", "Timestamp", "TimestampMonotonic", "Service", "Unit", "Leader", "Class",
+         "RootDirectory", "NetworkInterfaces", "State")
+
+
+@pytest.mark.parametrize("survivor_kind", ["created", "registered"])
+def test_restart_after_sigkill(bus: BusDaemon, machined: Machined, monitor: Monitor,
+                               procs: Processes, survivor_kind: str) -> None:
+    keep = procs.sleeper()
+    doomed = procs.sleeper()
+    keep_name, doomed_name = unique_name("keep"), unique_name("gone")
+    if survivor_kind == "created":
+        create_machine(bus, keep_name, keep.pid, root="/srv/keep",
+                       machine_id=bytes(range(16)))
+        register_machine(bus, doomed_name, doomed.pid, netif=[4])
+    else:
+        register_machine(bus, keep_name, keep.pid, netif=[2, 5], root="/srv/keep",
+                         machine_id=bytes(range(16)))
+        create_machine(bus, doomed_name, doomed.pid)
+    before = {p: machine_prop(bus, keep_name, p) for p in PROPS}
+    keep_file = state_items(keep_name)
+    assert before["State"] == "running"
+
+    machined.kill9()
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait(5)
+    assert state_file(keep_name).exists() and state_file(doomed_name).exists()
+    monitor.sync()
+    seen_before = len(monitor.signals("MachineNew"))
+
+    machined.start()
+    path = machine_path(keep_name)
+    # the survivor is back, announced again, unchanged
+    wait_for(lambda: [keep_name, path] in monitor.signals("MachineNew")[seen_before:], 5,
+             what="MachineNew of the survivor after the restart")
+    assert mcall_data(bus, "GetMachine", "s", keep_name) == [path]
+    after = {p: machine_prop(bus, keep_name, p) for p in PROPS}
+    assert after == before
+    assert state_items(keep_name) == keep_file
+    assert mcall_data(bus, "GetMachineByPID", "u", keep.pid) == [path]
+    assert "Ready: 1 machine(s) registered." in machined.log
+
+    # the dead one is gone, files and all, without being announced again
+    assert sorted(machine_names(bus)) == sorted([".host", keep_name])
+    assert_machine_gone(bus, doomed_name)
+    monitor.sync()
+    assert not any(a[0] == doomed_name for a in monitor.signals("MachineNew")[seen_before:])
+
+    # the reloaded machine is fully managed: terminate it
+    mcall(bus, "TerminateMachine", "s", keep_name)
+    monitor.wait_signal("MachineRemoved", lambda a: a[0] == keep_name, timeout=5)
+    assert keep.wait(5) == -signal.SIGTERM
+    wait_for(lambda: not scope_dir(keep_name).exists(), 3, what="the survivor's scope to go")
+    assert_machine_gone(bus, keep_name, scope_name(keep_name))
+    assert not unit_link(scope_name(keep_name)).is_symlink()
+
+    # §7.4: the dropped machine's files are unlinked, its unit symlink too (else sd-login's
+    # sd_pid_get_machine_name() still names it for processes of a unit of that name)
+    doomed_link = unit_link(scope_name(doomed_name))
+    assert not doomed_link.is_symlink(), f"{doomed_link} left behind"
+
+
+def test_restart_drops_empty_scope_of_dead_machine(bus: BusDaemon, machined: Machined,
+                                                   procs: Processes) -> None:
+    """The daemon made the dead machine's scope (cgroupfs backend plays systemd's part); when it
+    finds it empty after a restart, it removes it as systemd would collect such a scope."""
+    leader = procs.sleeper()
+    name = unique_name("empty")
+    create_machine(bus, name, leader.pid)
+    assert scope_dir(name).is_dir()
+    machined.kill9()
+    leader.kill()
+    leader.wait(5)
+    assert not pid_alive(leader.pid)
+    machined.start()
+    assert_machine_gone(bus, name)
+    wait_for(lambda: not scope_dir(name).exists(), 3, what="the empty scope cgroup to go")
