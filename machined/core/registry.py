@@ -182,9 +182,14 @@ class Registry:
     async def _stop(self, m: Machine) -> None:
         if not m.cls.can_start:
             raise ErrnoError(errno.EOPNOTSUPP)
+        # "closing" from the start: GC must not send a second stop while this one is on its way
+        was_stopping, m.stopping = m.stopping, True
         if m.unit:
-            m.scope_job = await self.backend.stop(m)
-        m.stopping = True
+            try:
+                m.scope_job = await self.backend.stop(m)
+            except BaseException:
+                m.stopping = was_stopping
+                raise
         self._save(m)
 
     async def kill(self, m: Machine, who: str, signo: int) -> None:
@@ -296,7 +301,7 @@ class Registry:
         if m.started:
             log.info("Machine %s terminated.", m.name)
             m.stopping = True
-        if self.units.get(m.unit) is m:
+        if self.units.get(m.unit) in (None, m):
             self.statedir.remove(m)
         else:
             self.statedir.remove(Machine(name=m.name))  # the unit link is another machine's

@@ -210,6 +210,7 @@ class CgroupfsBackend:
 
     def adopt(self, m: Machine) -> bool:
         if not pid_exists(m.leader):
+            self._remove_stale_scope(m)
             return False
         if not m.unit:
             return True
@@ -223,6 +224,15 @@ class CgroupfsBackend:
         self._track(Scope(unit=m.unit, path=path, owned=owned, stop_timeout=self.stop_timeout))
         m.referenced = owned
         return True
+
+    def _remove_stale_scope(self, m: Machine) -> None:
+        """A machine dropped at start-up: remove its scope if we made it and it is empty."""
+        if m.unit != machine_scope_name(m.name):
+            return
+        path = cgroups.slice_path(DEFAULT_SLICE) + "/" + m.unit
+        if self.hierarchy.exists(path) and not self.hierarchy.populated(path):
+            self.hierarchy.remove(path)
+            self.hierarchy.remove_empty_parents(path)
 
     async def close(self) -> None:
         for scope in list(self.scopes.values()):
