@@ -32,11 +32,17 @@ class Manager:
     def get_machine(self, call: Call, name: str) -> str:
         return self._machine(name).path
 
-    async def get_machine_by_pid(self, call: Call, pid: int) -> str:
+    def get_machine_by_pid(self, call: Call, pid: int) -> Any:
         if pid >= 2**31:
             raise InvalidArgs("Invalid argument")
         if pid == 0:
-            pid = (await call.creds()).pid
+            return self._machine_by_sender_pid(call)
+        return self._path_of_pid(pid)
+
+    async def _machine_by_sender_pid(self, call: Call) -> str:
+        return self._path_of_pid((await call.creds()).pid)
+
+    def _path_of_pid(self, pid: int) -> str:
         m = self.registry.by_pid(pid)
         if m is None:
             raise NoMachineForPID(pid)

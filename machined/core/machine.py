@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -62,9 +63,9 @@ class Machine:
     # True when this daemon created the scope (systemd1: it holds an AddRef reference).
     referenced: bool = False
 
-    @property
+    @functools.cached_property
     def path(self) -> str:
-        return machine_path(self.name)
+        return machine_path(self.name)  # the name never changes: escape it once
 
     @property
     def state(self) -> str:
