@@ -52,12 +52,11 @@ def bus_introspect(target: str) -> int:
     from .bus.logcontrol import LogControl
     from .bus.machine import MachineHandlers, machine_interface
     from .bus.manager import Manager, image_interface_template
-    from .core.machine import Machine
 
     handlers = MachineHandlers(None, None)  # type: ignore[arg-type]
     interfaces = {
         "/org/freedesktop/machine1": Manager(None, handlers).interface(),  # type: ignore[arg-type]
-        "/org/freedesktop/machine1/machine": machine_interface(Machine(name=""), handlers),
+        "/org/freedesktop/machine1/machine": machine_interface(handlers),
         "/org/freedesktop/machine1/image": image_interface_template(),
         "/org/freedesktop/LogControl1": LogControl().interface(),
     }

@@ -89,11 +89,11 @@ async def run(options: Options) -> int:
     registry_ref: list[Registry] = []
     backend = await _choose_backend(bus, options, registry_ref)
     watcher = PidfdWatcher(loop)
-    objects = MachineObjects(dispatcher, None)  # type: ignore[arg-type]
+    objects = MachineObjects(dispatcher)
     registry = Registry(backend, watcher, statedir, objects, host_machine_id())
     registry_ref.append(registry)
     handlers = MachineHandlers(registry, authority)
-    objects.handlers = handlers
+    objects.serve(registry, handlers)
     dispatcher.export(MANAGER_PATH, Manager(registry, handlers).interface())
     await dispatcher.watch_peers()
     log.info("Using the %s scope backend.", backend.name)
@@ -128,6 +128,7 @@ async def run(options: Options) -> int:
     if isinstance(backend, CgroupfsBackend):
         await backend.close()
     watcher.close()
+    objects.close()
     with contextlib.suppress(Exception):
         bus.close()
     return 0

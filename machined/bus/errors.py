@@ -45,6 +45,7 @@ _CLASS_TO_NAME: dict[type[E.MachinedError], str] = {
     E.NoMachineForPID: MACHINE1 + "NoMachineForPID",
     E.MachineExists: MACHINE1 + "MachineExists",
     E.JobFailed: "org.freedesktop.systemd1.JobFailed",
+    E.UnknownObject: DBUS + "UnknownObject",
 }
 
 # The reverse: a remote error name -> errno, used where machined 252 drops the remote error

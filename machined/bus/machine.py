@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..core.errors import NoSuchMachine, not_implemented
-from ..core.machine import Machine
+from ..core.machine import MACHINE_PATH_PREFIX, Machine
+from ..core.names import bus_label_unescape
 from ..core.registry import Registry
 from ..core.validate import kill_args
 from .auth import MANAGE_MACHINES, Authority
@@ -46,41 +47,41 @@ class MachineHandlers:
                                                            "verb": "unregister"})
         self.registry.unregister(self._still_there(m))
 
-    @staticmethod
-    def pending(what: str) -> Any:
-        def handler(call: Call, *args: Any) -> None:
-            raise not_implemented(what, INSIDE_ISSUE)
 
-        return handler
+def machine_interface(h: MachineHandlers) -> Interface:
+    """The Machine interface, one for all machines: handlers take (call, machine, *args) and
+    getters take the machine (see Dispatcher.export_fallback)."""
 
-
-def machine_interface(m: Machine, h: MachineHandlers) -> Interface:
     def prop(name: str, sig: str, getter: Any, emits: str = CONST,
              hidden: bool = False) -> Property:
         return Property(name, sig, getter, emits, hidden)
 
-    pending = MachineHandlers.pending
+    def pending(what: str) -> Any:
+        def handler(call: Call, m: Machine, *args: Any) -> None:
+            raise not_implemented(what, INSIDE_ISSUE)
+
+        return handler
+
     return Interface(
         MACHINE_IFACE,
         properties=[
-            prop("Name", "s", lambda: m.name),
-            prop("Id", "ay", lambda: m.id_bytes),
-            prop("Timestamp", "t", lambda: m.timestamp.realtime if m.timestamp else 0),
+            prop("Name", "s", lambda m: m.name),
+            prop("Id", "ay", lambda m: m.id_bytes),
+            prop("Timestamp", "t", lambda m: m.timestamp.realtime if m.timestamp else 0),
             prop("TimestampMonotonic", "t",
-                 lambda: m.timestamp.monotonic if m.timestamp else 0),
-            prop("Service", "s", lambda: m.service),
-            prop("Unit", "s", lambda: m.unit),
-            prop("Scope", "s", lambda: m.unit, hidden=True),
-            prop("Leader", "u", lambda: m.leader),
-            prop("Class", "s", lambda: m.cls.value),
-            prop("RootDirectory", "s", lambda: m.root_directory),
-            prop("NetworkInterfaces", "ai", lambda: m.netif),
-            prop("State", "s", lambda: m.state, emits=FALSE),
+                 lambda m: m.timestamp.monotonic if m.timestamp else 0),
+            prop("Service", "s", lambda m: m.service),
+            prop("Unit", "s", lambda m: m.unit),
+            prop("Scope", "s", lambda m: m.unit, hidden=True),
+            prop("Leader", "u", lambda m: m.leader),
+            prop("Class", "s", lambda m: m.cls.value),
+            prop("RootDirectory", "s", lambda m: m.root_directory),
+            prop("NetworkInterfaces", "ai", lambda m: m.netif),
+            prop("State", "s", lambda m: m.state, emits=FALSE),
         ],
         methods=[
-            Method("Terminate", "", (), "", (), lambda c: h.terminate(c, m)),
-            Method("Kill", "si", ("who", "signal"), "", (),
-                   lambda c, who, sig: h.kill(c, m, who, sig)),
+            Method("Terminate", "", (), "", (), h.terminate),
+            Method("Kill", "si", ("who", "signal"), "", (), h.kill),
             Method("GetAddresses", "", (), "a(iay)", ("addresses",),
                    pending("Machine.GetAddresses")),
             Method("GetOSRelease", "", (), "a{ss}", ("fields",), pending("Machine.GetOSRelease")),
@@ -105,17 +106,30 @@ def machine_interface(m: Machine, h: MachineHandlers) -> Interface:
 
 
 class MachineObjects:
-    """The registry's listener: exports/unexports Machine objects, emits the Manager signals."""
+    """Serves the Machine objects of the registry's table under one fallback vtable, and, as
+    the registry's listener, emits the Manager's MachineNew/MachineRemoved."""
 
-    def __init__(self, dispatcher: Dispatcher, handlers: MachineHandlers) -> None:
+    def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
-        self.handlers = handlers
+        self.registry: Registry | None = None
 
-    def machine_added(self, m: Machine) -> None:
-        self.dispatcher.export(m.path, machine_interface(m, self.handlers))
+    def serve(self, registry: Registry, handlers: MachineHandlers) -> None:
+        self.registry = registry
+        self._fallback = self.dispatcher.export_fallback(
+            MACHINE_PATH_PREFIX.rstrip("/"), machine_interface(handlers), self.find,
+            lambda: [m.path for m in registry])
 
-    def machine_freed(self, m: Machine) -> None:
-        self.dispatcher.unexport(m.path, MACHINE_IFACE)
+    def find(self, path: str) -> Machine | None:
+        if self.registry is None or not path.startswith(MACHINE_PATH_PREFIX):
+            return None
+        label = path[len(MACHINE_PATH_PREFIX):]
+        if not label or "/" in label:
+            return None
+        m = self.registry.get(bus_label_unescape(label))
+        return m if m is not None and m.path == path else None
+
+    def close(self) -> None:
+        self._fallback.close()
 
     def machine_new(self, m: Machine) -> None:
         self.dispatcher.emit(MANAGER_PATH, MANAGER_IFACE, "MachineNew", "so", m.name, m.path)

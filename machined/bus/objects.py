@@ -12,15 +12,17 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sdbus
 from sdbus.sd_bus_internals import SdBus, SdBusInterface, SdBusMessage
 
+from ..core.errors import UnknownObject
 from . import client
 from .errors import to_dbus
+from .fallback import FallbackVtable
 from .msgflags import allows_interactive_authorization
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ FALSE = "false"
 class Property:
     name: str
     sig: str
-    getter: Callable[[], Any]
+    getter: Callable[..., Any]  # () -> value, or (object) -> value for fallback interfaces
     emits: str = FALSE  # EmitsChangedSignal annotation: "const" or "false"
     hidden: bool = False
     setter: Callable[[Any], None] | None = None
@@ -130,21 +132,55 @@ class Dispatcher:
 
     # ------------------------------------------------------------- export
     def export(self, path: str, iface: Interface) -> None:
+        vtable = self._vtable(iface, self._callback, _getter)
+        self.unexport(path, iface.name)
+        self.bus.add_interface(vtable, path, iface.name)
+        self._exports[(path, iface.name)] = vtable
+
+    def export_fallback(self, prefix: str, iface: Interface, find: Callable[[str], Any],
+                        children: Callable[[], Iterable[str]]) -> FallbackVtable:
+        """Serve `iface` for every object below `prefix` that `find(path)` returns.
+
+        Handlers take (call, object, *arguments) and property getters take (object).
+        """
+        holder: list[FallbackVtable] = []
+
+        def method_callback(method: Method) -> Callable[[SdBusMessage], None]:
+            def on_object(call: Call, *args: Any) -> Any:
+                obj = find(call.msg.path or "")
+                if obj is None:
+                    raise UnknownObject(call.msg.path or "")
+                return method.handler(call, obj, *args)
+
+            return self._callback(replace(method, handler=on_object))
+
+        def getter(prop: Property) -> Callable[[SdBusMessage], None]:
+            def get(msg: SdBusMessage) -> None:
+                msg.append_data(prop.sig, prop.getter(holder[0].current))
+
+            return get
+
+        fallback = FallbackVtable(self.bus, prefix, iface.name,
+                                  self._vtable(iface, method_callback, getter), find, children)
+        holder.append(fallback)
+        return fallback
+
+    @staticmethod
+    def _vtable(iface: Interface, callback: Callable[[Method], Callable[[SdBusMessage], None]],
+                getter: Callable[[Property], Callable[[SdBusMessage], None]]) -> SdBusInterface:
         vtable = SdBusInterface()
         for prop in iface.properties:
             flags = sdbus.DbusPropertyConstFlag if prop.emits == CONST else 0
             if prop.hidden:
                 flags |= sdbus.DbusHiddenFlag
-            vtable.add_property(prop.name, prop.sig, _getter(prop), _setter(prop), flags)
+            vtable.add_property(prop.name, prop.sig, getter(prop), _setter(prop), flags)
         for method in iface.methods:
             flags = 0 if method.privileged else sdbus.DbusUnprivilegedFlag
             vtable.add_method(method.name, method.in_sig, list(method.in_names), method.out_sig,
-                              list(method.out_names), flags, self._callback(method))
+                              list(method.out_names), flags, callback(method))
         for sig in iface.signals:
             vtable.add_signal(sig.name, sig.sig, list(sig.names), 0)
-        self.unexport(path, iface.name)
-        self.bus.add_interface(vtable, path, iface.name)
-        self._exports[(path, iface.name)] = vtable
+        return vtable
 
     def unexport(self, path: str, interface: str) -> None:
         vtable = self._exports.pop((path, interface), None)

@@ -55,6 +55,13 @@ class MachineExists(MachinedError):
         super().__init__(f"Machine '{name}' already exists")
 
 
+class UnknownObject(MachinedError):
+    """An object that went away between sd-bus finding it and its handler running."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"Unknown object '{path}'.")
+
+
 class JobFailed(MachinedError):
     def __init__(self, unit: str, result: str) -> None:
         super().__init__(f"Start job for unit {unit} failed with '{result}'")

@@ -70,13 +70,9 @@ class ProcessWatcher(Protocol):
 
 
 class RegistryListener(Protocol):
-    """Told about machines appearing and going away (the bus layer exports objects and emits
-    MachineNew / MachineRemoved)."""
-
-    def machine_added(self, m: Machine) -> None: ...
+    """Told about machines going live and going away (the bus layer emits MachineNew /
+    MachineRemoved; it serves objects straight from the table)."""
 
     def machine_new(self, m: Machine) -> None: ...
 
     def machine_removed(self, m: Machine) -> None: ...
-
-    def machine_freed(self, m: Machine) -> None: ...

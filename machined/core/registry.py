@@ -323,12 +323,10 @@ class Registry:
             self.watcher.unwatch(m.leader)
         if self.machines.get(m.name) is m:
             del self.machines[m.name]
-            self.listener.machine_freed(m)
 
     # ----------------------------------------------------------------- helpers
     def _add(self, m: Machine) -> None:
         self.machines[m.name] = m
-        self.listener.machine_added(m)
 
     def _save(self, m: Machine) -> None:
         if m.started:

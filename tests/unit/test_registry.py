@@ -100,17 +100,11 @@ class Listener:
     def __init__(self) -> None:
         self.events: list[tuple[str, str]] = []
 
-    def machine_added(self, m: Machine) -> None:
-        self.events.append(("added", m.name))
-
     def machine_new(self, m: Machine) -> None:
         self.events.append(("new", m.name))
 
     def machine_removed(self, m: Machine) -> None:
         self.events.append(("removed", m.name))
-
-    def machine_freed(self, m: Machine) -> None:
-        self.events.append(("freed", m.name))
 
 
 class World:
@@ -219,7 +213,7 @@ async def test_leader_exit_removes_machine(world: World) -> None:
     world.watcher.exit(100)
     await world.settle()
     assert world.registry.get("ct") is None
-    assert world.listener.events[-2:] == [("removed", "ct"), ("freed", "ct")]
+    assert world.listener.events[-1:] == [("removed", "ct")]
     assert not (world.statedir.path / "ct").exists()
     assert ("stop", "machine-ct.scope") in world.backend.calls  # our scope: leftovers stopped
 
