@@ -44,7 +44,8 @@ class ScopeBackend(Protocol):
     async def job_is_active(self, job: str) -> bool: ...
 
     async def release(self, m: Machine) -> None:
-        """The machine is freed: drop our reference on its unit."""
+        """The machine that owned its unit is freed: drop our reference on the unit if we hold
+        one (m.referenced), and whatever else the backend keeps about it."""
         ...
 
     def adopt(self, m: Machine) -> bool:

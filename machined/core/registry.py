@@ -288,9 +288,10 @@ class Registry:
             except MachinedError as e:
                 log.warning("Failed to stop machine %s: %s", m.name, e.message)
         if self.machines.get(m.name) is m and await self._may_gc(m, drop_not_started):
+            owns_unit = self.units.get(m.unit) is m
             self._finalize(m)
             self._free(m)
-            if m.referenced:
+            if m.referenced or owns_unit:
                 await self.backend.release(m)
 
     def _finalize(self, m: Machine) -> None:

@@ -58,8 +58,10 @@ def pid_cgroup(pid: int) -> str:
     return legacy
 
 
+@cache
 def _root_shift() -> str:
-    """PID 1's cgroup minus /init.scope: the prefix to strip from every path (cg_shift_path)."""
+    """PID 1's cgroup minus /init.scope: the prefix to strip from every path (cg_shift_path).
+    Read once: PID 1 does not change cgroups under a running machined."""
     try:
         root = pid_cgroup(1)
     except ErrnoError:

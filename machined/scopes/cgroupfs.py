@@ -87,10 +87,7 @@ class CgroupfsBackend:
     def _forget_if_empty(self, scope: Scope) -> bool:
         if self.hierarchy.populated(scope.path):
             return False
-        if self.scopes.get(scope.unit) is scope:
-            del self.scopes[scope.unit]
-            if scope.watch >= 0:
-                self.inotify.remove(scope.watch)
+        self._untrack(scope)
         if scope.owned:
             self.hierarchy.remove(scope.path)
             self.hierarchy.remove_empty_parents(scope.path)
@@ -130,12 +127,12 @@ class CgroupfsBackend:
 
     async def unit_for_registration(self, m: Machine, sender_pid: int) -> None:
         try:
-            m.unit = common.leader_unit(m.leader)
+            m.unit, cgroup = common.leader_unit(m.leader)
         except ErrnoError as e:
             if e.errno != errno.ENXIO:
                 raise
         else:
-            path = cgroups.unit_prefix(cgroups.pid_cgroup(m.leader), m.unit)
+            path = cgroups.unit_prefix(cgroup, m.unit)
             if path is not None and m.unit not in self.scopes:
                 self._track(Scope(unit=m.unit, path=path, owned=False,
                                   stop_timeout=self.stop_timeout))
@@ -205,8 +202,18 @@ class CgroupfsBackend:
     async def release(self, m: Machine) -> None:
         m.referenced = False
         scope = self.scopes.get(m.unit)
-        if scope is not None:
+        if scope is None:
+            return
+        if scope.owned:
             self._forget_if_empty(scope)
+        else:  # someone else's unit: stop watching it, it outlives the machine
+            self._untrack(scope)
+
+    def _untrack(self, scope: Scope) -> None:
+        if self.scopes.get(scope.unit) is scope:
+            del self.scopes[scope.unit]
+            if scope.watch >= 0:
+                self.inotify.remove(scope.watch)
 
     def adopt(self, m: Machine) -> bool:
         if not pid_exists(m.leader):

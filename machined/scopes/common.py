@@ -16,14 +16,16 @@ def unit_of_pid(pid: int) -> str | None:
         return None
 
 
-def leader_unit(pid: int) -> str:
-    """The unit holding pid, or the error RegisterMachine gives (§6.3.2, note the space)."""
+def leader_unit(pid: int) -> tuple[str, str]:
+    """(unit holding pid, pid's cgroup), or the error RegisterMachine gives (§6.3.2, note the
+    space)."""
     try:
-        unit = cgroups.unit_of_cgroup(cgroups.pid_cgroup(pid))
+        path = cgroups.pid_cgroup(pid)
+        unit = cgroups.unit_of_cgroup(path)
     except ErrnoError as e:
         raise ErrnoError(e.errno, f"Failed to determine unit of process {pid} : "
                                   f"{os.strerror(e.errno)}") from None
     if unit is None:
         raise ErrnoError(errno.ENXIO, f"Failed to determine unit of process {pid} : "
                                       f"{os.strerror(errno.ENXIO)}")
-    return unit
+    return unit, path

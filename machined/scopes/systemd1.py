@@ -111,7 +111,7 @@ class Systemd1Backend:
         return str(job)
 
     async def unit_for_registration(self, m: Machine, sender_pid: int) -> None:
-        m.unit = common.leader_unit(m.leader)
+        m.unit, _ = common.leader_unit(m.leader)
 
     def unit_of_pid(self, pid: int) -> str | None:
         return common.unit_of_pid(pid)
