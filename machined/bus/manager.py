@@ -21,6 +21,8 @@ class Manager:
     def __init__(self, registry: Registry, handlers: MachineHandlers) -> None:
         self.registry = registry
         self.h = handlers
+        self._listing: list[tuple[str, str, str, str]] = []
+        self._listing_generation = -1
 
     def _machine(self, name: str) -> Machine:
         m = self.registry.get(name)
@@ -49,7 +51,11 @@ class Manager:
         return m.path
 
     def list_machines(self, call: Call) -> list[tuple[str, str, str, str]]:
-        return [(m.name, m.cls.value, m.service, m.path) for m in self.registry]
+        # Built once per change of the table: with many machines, listing is the hot path.
+        if self._listing_generation != self.registry.generation:
+            self._listing = [(m.name, m.cls.value, m.service, m.path) for m in self.registry]
+            self._listing_generation = self.registry.generation
+        return self._listing
 
     # ------------------------------------------------------------- create / register
     async def _sender_pid(self, call: Call) -> int:

@@ -10,8 +10,8 @@ sd-bus itself answers "Access to ... not permitted." for non-root callers.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
+import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,6 +26,9 @@ from .fallback import FallbackVtable
 from .msgflags import allows_interactive_authorization
 
 log = logging.getLogger(__name__)
+
+# What handlers return when they reply later: coroutines (async def) or futures.
+_AWAITABLES = (types.CoroutineType, asyncio.Future)
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,7 @@ class Dispatcher:
         def dispatch(msg: SdBusMessage) -> None:
             try:
                 result = method.handler(Call(self, msg), *msg.parse_to_tuple())
-                if inspect.isawaitable(result):
+                if isinstance(result, _AWAITABLES):  # cheaper than inspect.isawaitable
                     task = asyncio.get_running_loop().create_task(
                         self._finish(msg, method, result))
                     self._tasks.add(task)

@@ -54,6 +54,7 @@ class Registry:
         self._create_waiters: dict[int, asyncio.Future[str]] = {}
         # JobRemoved can overtake the StartTransientUnit reply on our side of the socket.
         self._finished_jobs: OrderedDict[str, str] = OrderedDict()
+        self.generation = 0  # bumped whenever a machine enters or leaves the table
 
     # ----------------------------------------------------------------- queries
     def __iter__(self) -> Iterator[Machine]:
@@ -324,10 +325,12 @@ class Registry:
             self.watcher.unwatch(m.leader)
         if self.machines.get(m.name) is m:
             del self.machines[m.name]
+            self.generation += 1
 
     # ----------------------------------------------------------------- helpers
     def _add(self, m: Machine) -> None:
         self.machines[m.name] = m
+        self.generation += 1
 
     def _save(self, m: Machine) -> None:
         if m.started:
