@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,9 +106,16 @@ class StateDir:
     def save(self, m: Machine) -> None:
         """Write atomically (temp file + rename), then the unit symlink. On failure remove both
         the temp file and the state file, as machined does."""
-        self.ensure()
-        final = self.path / m.name
-        tmp = self.path / f".#{m.name}{secrets.token_hex(3)}"
+        # Plain strings and os calls, not pathlib: this runs for every registration.
+        directory = str(self.path)
+        try:
+            os.mkdir(directory, 0o755)
+        except FileExistsError:
+            pass
+        except OSError:
+            self.ensure()  # missing parents
+        final = f"{directory}/{m.name}"
+        tmp = f"{directory}/.#{m.name}{os.urandom(3).hex()}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
@@ -121,13 +127,13 @@ class StateDir:
         except OSError as e:
             log.error("Failed to save machine data %s: %s", final, e)
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                os.unlink(tmp)
             with contextlib.suppress(OSError):
-                final.unlink()
+                os.unlink(final)
             return
         if m.unit:
             with contextlib.suppress(OSError):
-                os.symlink(m.name, self.path / f"unit:{m.unit}")
+                os.symlink(m.name, f"{directory}/unit:{m.unit}")
 
     def remove(self, m: Machine) -> None:
         if m.unit:
