@@ -55,6 +55,10 @@ def _lib() -> ctypes.CDLL:
     lib.sd_bus_slot_unref.restype = vp
     lib.sd_bus_get_fd.argtypes = [vp]
     lib.sd_bus_get_fd.restype = ctypes.c_int
+    lib.sd_bus_get_current_message.argtypes = [vp]
+    lib.sd_bus_get_current_message.restype = vp
+    lib.sd_bus_message_get_sender.argtypes = [vp]
+    lib.sd_bus_message_get_sender.restype = cp
     return lib
 
 
@@ -101,6 +105,7 @@ class FallbackVtable:
         self._children = children
         self._vtable = vtable  # owns the C vtable and the member names it points to
         bus_ptr, vtable_ptr = _check_layout(bus, vtable)
+        self._bus_ptr = bus_ptr
         self._userdata = id(vtable)
         self._find_cb = _FIND(self._on_find)  # ctypes callbacks must outlive the slots
         self._enum_cb = _ENUMERATE(self._on_enumerate)
@@ -117,6 +122,13 @@ class FallbackVtable:
                 self.close()
                 raise OSError(-r, f"Failed to add fallback vtable for {prefix}")
             self._slots.append(slot)
+
+    def current_sender(self) -> str | None:
+        """The sender of the message being dispatched (for paths like machine/self)."""
+        lib = _lib()
+        msg = lib.sd_bus_get_current_message(self._bus_ptr)
+        sender = lib.sd_bus_message_get_sender(msg) if msg else None
+        return sender.decode() if sender else None
 
     def close(self) -> None:
         for slot in self._slots:

@@ -3,6 +3,7 @@ Manager's *Machine methods redirect to."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ..core.errors import NoSuchMachine, not_implemented
@@ -12,6 +13,8 @@ from ..core.registry import Registry
 from ..core.validate import kill_args
 from .auth import MANAGE_MACHINES, Authority
 from .objects import CONST, FALSE, Call, Dispatcher, Interface, Method, Property, Signal
+
+log = logging.getLogger(__name__)
 
 MANAGER_PATH = "/org/freedesktop/machine1"
 MANAGER_IFACE = "org.freedesktop.machine1.Manager"
@@ -125,8 +128,21 @@ class MachineObjects:
         label = path[len(MACHINE_PATH_PREFIX):]
         if not label or "/" in label:
             return None
+        if label == "self":  # the caller's own machine (§2.4); not enumerated
+            return self._machine_of_sender()
         m = self.registry.get(bus_label_unescape(label))
         return m if m is not None and m.path == path else None
+
+    def _machine_of_sender(self) -> Machine | None:
+        sender = self._fallback.current_sender()
+        if self.registry is None or not sender:
+            return None
+        try:
+            pid = self.dispatcher.creds_now(sender).pid
+        except Exception as e:  # noqa: BLE001 - the caller just gets UnknownObject
+            log.debug("Cannot get the credentials of %s: %s", sender, e)
+            return None
+        return self.registry.by_pid(pid) if pid > 0 else None
 
     def close(self) -> None:
         self._fallback.close()

@@ -129,6 +129,21 @@ class Dispatcher:
         (info,) = await client.call(self.bus, "org.freedesktop.DBus", "/org/freedesktop/DBus",
                                     "org.freedesktop.DBus", "GetConnectionCredentials", "s",
                                     sender)
+        return self._remember_creds(sender, info)
+
+    def creds_now(self, sender: str) -> Creds:
+        """creds() without awaiting, for sd-bus callbacks that must answer at once (object
+        lookups): a blocking call to the bus driver when not cached, as sd-bus does itself."""
+        cached = self._creds.get(sender)
+        if cached is not None:
+            return cached
+        msg = self.bus.new_method_call_message("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                               "org.freedesktop.DBus", "GetConnectionCredentials")
+        msg.append_data("s", sender)
+        (info,) = self.bus.call(msg).parse_to_tuple()
+        return self._remember_creds(sender, info)
+
+    def _remember_creds(self, sender: str, info: dict[str, tuple[str, Any]]) -> Creds:
         creds = Creds(uid=int(info["UnixUserID"][1]), pid=int(info.get("ProcessID", ("u", 0))[1]))
         self._creds[sender] = creds
         return creds

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from tests.helpers.busdaemon import BusDaemon
-from tests.helpers.daemon import Machined, wait_for
+from tests.helpers.daemon import Machined, busctl, wait_for
 
 from .support import (
     Monitor,
@@ -188,3 +188,24 @@ def test_unregister_keeps_scope_running(bus: BusDaemon, machined: Machined, moni
     wait_for(lambda: not scope_dir(name).exists(), 3, what="the empty scope to be removed")
     assert monitor.signals("MachineRemoved").count([name, path]) == 1
     assert monitor.signals("MachineNew").count([name, path]) == 1
+
+
+def test_machine_self_path(bus: BusDaemon, machined: Machined, procs: Processes) -> None:
+    """/org/freedesktop/machine1/machine/self is the caller's own machine (by its PID's cgroup
+    here: busctl is a child born in the scope); from the host it is an unknown object."""
+    name = unique_name("self")
+    leader = procs.spawn(
+        ["sh", "-c", "read line; busctl get-property org.freedesktop.machine1 "
+         "/org/freedesktop/machine1/machine/self org.freedesktop.machine1.Machine Name"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=bus.env())
+    register_machine(bus, name, leader.pid)
+    out, _ = leader.communicate("go\n", timeout=30)
+    assert out.strip() == f's "{name}"'
+
+    host = busctl(bus, "get-property", "org.freedesktop.machine1",
+                  "/org/freedesktop/machine1/machine/self", "org.freedesktop.machine1.Machine",
+                  "Name", check=False)
+    assert host.returncode != 0
+    assert "Unknown object '/org/freedesktop/machine1/machine/self'" in host.stderr
+    tree = busctl(bus, "tree", "--list", "org.freedesktop.machine1").stdout.split()
+    assert "/org/freedesktop/machine1/machine/self" not in tree
