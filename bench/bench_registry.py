@@ -36,7 +36,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,6 +43,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.helpers.busdaemon import BusDaemon as TestBusDaemon  # noqa: E402 - needs REPO
+
 LOCK_FILE = "/tmp/machined-tests.lock"
 STATE_DIR = Path("/run/systemd/machines")
 USERDB_DIR = Path("/run/systemd/userdb")  # 252's varlink socket; kept off the host as well
@@ -56,24 +58,6 @@ IFACE = "org.freedesktop.machine1.Manager"
 CALL_TIMEOUT_USEC = 10_000_000
 MAX_ERRORS = 20  # a caller gives up after this many failed calls
 
-BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*"/>
-    <allow send_type="method_call"/>
-    <allow send_type="method_return"/>
-    <allow send_type="error"/>
-    <allow send_type="signal"/>
-    <allow receive_sender="*"/>
-  </policy>
-</busconfig>
-"""
 
 
 def log(msg: str) -> None:
@@ -258,31 +242,11 @@ def run_callers(address: str, calls: Calls, callers: int, duration: float | None
 
 
 # --------------------------------------------------------------------------- processes
-class BusDaemon:
+class BusDaemon(TestBusDaemon):
     """A private dbus-daemon (type system, open policy) in a temp dir."""
 
     def __init__(self, tag: str) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix=f"machined-bench-{tag}."))
-        self.socket = self.dir / "system_bus_socket"
-        self.address = f"unix:path={self.socket}"
-        conf = self.dir / "bus.conf"
-        conf.write_text(BUS_CONF.format(socket=self.socket))
-        self.log = open(self.dir / "dbus.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            ["dbus-daemon", f"--config-file={conf}", "--nofork", "--nopidfile"],
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-        deadline = time.monotonic() + 10
-        while not self.socket.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("dbus-daemon did not start: "
-                                   + (self.dir / "dbus.log").read_text())
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        super().__init__("open", prefix=f"machined-bench-{tag}.")
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> int | None:

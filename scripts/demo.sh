@@ -29,30 +29,7 @@ if [ "${1:-}" = stop ]; then stop; exit 0; fi
 
 mkdir -p "$RUN"; chmod 0755 "$RUN"
 ADDR="unix:path=$RUN/system_bus_socket"
-cat > "$RUN/bus.conf" <<XML
-<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>$ADDR</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-  </policy>
-  <include>$REPO/policy/org.freedesktop.machine1.conf</include>
-</busconfig>
-XML
+.venv/bin/python -m tests.helpers.busdaemon --policy=system "$ADDR" > "$RUN/bus.conf"
 setsid dbus-daemon --config-file="$RUN/bus.conf" --nofork --nopidfile \
     </dev/null >"$RUN/dbus.log" 2>&1 &
 echo $! > "$RUN/dbus.pid"

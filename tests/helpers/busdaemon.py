@@ -53,21 +53,27 @@ SYSTEM_POLICY = """
 """
 
 
+def bus_config(address: str, policy: str = "open") -> str:
+    """A dbus-daemon configuration of type system listening on address; policy "open" lets
+    everybody do anything, "system" is Debian's default-deny plus our shipped policy file."""
+    if policy not in ("open", "system"):
+        raise ValueError(f"unknown bus policy {policy!r}")
+    rules = OPEN_POLICY if policy == "open" else SYSTEM_POLICY.format(policy=POLICY_FILE)
+    return ('<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"\n'
+            ' "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">\n'
+            "<busconfig>\n  <type>system</type>\n"
+            f"  <listen>{address}</listen>\n  <auth>EXTERNAL</auth>\n"
+            f"{rules}</busconfig>\n")
+
+
 class BusDaemon:
-    def __init__(self, policy: str = "open") -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="machined-bus."))
+    def __init__(self, policy: str = "open", prefix: str = "machined-bus.") -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix))
         os.chmod(self.dir, 0o755)  # unprivileged test clients must reach the socket
         self.socket = self.dir / "system_bus_socket"
         self.address = f"unix:path={self.socket}"
-        rules = OPEN_POLICY if policy == "open" else SYSTEM_POLICY.format(policy=POLICY_FILE)
         conf = self.dir / "bus.conf"
-        conf.write_text(
-            '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"\n'
-            ' "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">\n'
-            "<busconfig>\n  <type>system</type>\n"
-            f"  <listen>{self.address}</listen>\n  <auth>EXTERNAL</auth>\n"
-            f"{rules}</busconfig>\n"
-        )
+        conf.write_text(bus_config(self.address, policy))
         self.log = open(self.dir / "dbus.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             ["dbus-daemon", f"--config-file={conf}", "--nofork", "--nopidfile"],
@@ -93,3 +99,14 @@ class BusDaemon:
                 self.proc.wait()
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    # scripts/demo.sh writes its bus configuration with this: one source for every private bus.
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print a private system bus configuration.")
+    parser.add_argument("--policy", choices=("open", "system"), default="system")
+    parser.add_argument("address")
+    args = parser.parse_args()
+    print(bus_config(args.address, args.policy), end="")
