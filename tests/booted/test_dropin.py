@@ -1,0 +1,271 @@
+"""The drop-in scenario on a booted Debian 12 (systemd as PID 1, real dbus-daemon and polkitd):
+our machined installed as systemd-machined.service, nested `systemd-nspawn --register=yes`,
+machinectl verbs, restart, D-Bus activation, polkit for a non-root user, and an uninstall that
+leaves the system as it was. The tests share one VM and run in file order."""
+
+from __future__ import annotations
+
+import difflib
+import subprocess
+
+import pytest
+
+from tests.helpers.daemon import wait_for
+
+from .conftest import InstalledVM
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+UNIT = "systemd-machined.service"
+POLKIT_RULE = "/etc/polkit-1/rules.d/50-machined-test.rules"
+# A container payload that powers off on SIGRTMIN+4 (38), as systemd would; nspawn stops it
+# on SIGTERM by itself.
+PAYLOAD = ["/bin/sh", "-c", "trap 'exit 0' 38; sleep 100000 & wait"]
+
+
+class NotImplementedYet(Exception):
+    """The daemon answered NotSupported "... is not implemented yet ..." (issues 3 and 4)."""
+
+
+# Steps served by other issues: expected to fail with exactly that answer until they land
+# (strict: a pass means the marker must go).
+inside_pending = pytest.mark.xfail(raises=NotImplementedYet, strict=True,
+                                   reason="working inside machines: not implemented yet")
+images_pending = pytest.mark.xfail(raises=NotImplementedYet, strict=True,
+                                   reason="image pool: not implemented yet")
+
+
+def done(out: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    if out.returncode != 0 and "not implemented yet" in out.stderr:
+        raise NotImplementedYet(out.stderr.strip())
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def show(vm: InstalledVM, *args: str) -> dict[str, str]:
+    out = vm.run("systemctl", "show", *args).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def machine_props(vm: InstalledVM, name: str) -> dict[str, str]:
+    out = vm.machinectl("show", name).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def machines(vm: InstalledVM) -> list[str]:
+    return [line.split()[0] for line in vm.machinectl("list").stdout.splitlines() if line]
+
+
+def daemon_pid(vm: InstalledVM) -> int:
+    return int(show(vm, "-p", "MainPID", UNIT)["MainPID"])
+
+
+def start_container(vm: InstalledVM, name: str, keep_unit: bool = False) -> None:
+    """`systemd-nspawn --register=yes` of a busybox tree, as the service nspawn-NAME."""
+    nspawn = ["systemd-nspawn", "--quiet", "--register=yes", "-D", f"/var/lib/machines/{name}",
+              "-M", name]
+    if keep_unit:
+        nspawn.append("--keep-unit")
+    vm.run("systemd-run", "--collect", f"--unit=nspawn-{name}", "--", *nspawn, *PAYLOAD)
+
+    def registered() -> bool:
+        if vm.run("systemctl", "is-failed", "--quiet", f"nspawn-{name}", check=False) \
+                .returncode == 0:
+            raise AssertionError(vm.run("journalctl", "--no-pager", "-u", f"nspawn-{name}",
+                                        check=False).stdout)
+        return name in machines(vm)
+
+    wait_for(registered, 30, 0.1, f"machine {name}")
+    # nspawn registers before the payload runs; the sleep shows the trap is in place
+    wait_for(lambda: "sleep 100000" in vm.machinectl("status", name).stdout, 30, 0.1,
+             f"the payload of {name}")
+
+
+def test_unit_runs_our_daemon(vm: InstalledVM) -> None:
+    vm.run("systemctl", "start", UNIT)
+    status = vm.run("systemctl", "status", "--no-pager", UNIT).stdout
+    assert "Loaded: loaded (/etc/systemd/system/systemd-machined.service" in status
+    assert "active (running)" in status
+    assert "/usr/lib/machined/bin/python3 -m machined" in status
+    assert 'Status: "Processing requests (systemd1 scopes)..."' in status
+    props = show(vm, "-p", "Type,BusName,FragmentPath,NotifyAccess", UNIT)
+    assert props["Type"] == "notify" and props["BusName"] == "org.freedesktop.machine1"
+    out = vm.run("cat", f"/proc/{daemon_pid(vm)}/cmdline").stdout
+    assert out.split("\0")[:3] == ["/usr/lib/machined/bin/python3", "-m", "machined"]
+
+
+def test_nspawn_create_machine(vm: InstalledVM) -> None:
+    """Without --keep-unit: CreateMachine, a machine-NAME.scope through real StartTransientUnit."""
+    start_container(vm, "tinya")
+    props = machine_props(vm, "tinya")
+    assert props["Unit"] == "machine-tinya.scope"
+    assert props["Class"] == "container" and props["Service"] == "systemd-nspawn"
+    assert props["RootDirectory"] == "/var/lib/machines/tinya"
+    scope = vm.run("systemctl", "status", "--no-pager", "machine-tinya.scope").stdout
+    assert "active (running)" in scope
+    assert "Loaded: loaded (/run/systemd/transient/machine-tinya.scope" in scope
+    status = vm.machinectl("status", "tinya").stdout
+    assert "Unit: machine-tinya.scope" in status
+    assert "sleep 100000" in status  # the cgroup tree
+
+
+def test_nspawn_register_machine_keep_unit(vm: InstalledVM) -> None:
+    """With --keep-unit: RegisterMachine, the machine is the nspawn service itself."""
+    start_container(vm, "tinyb", keep_unit=True)
+    props = machine_props(vm, "tinyb")
+    assert props["Unit"] == "nspawn-tinyb.service"
+    status = vm.machinectl("status", "tinyb").stdout
+    assert "Unit: nspawn-tinyb.service" in status
+    assert "sleep 100000" in status
+    assert vm.run("systemctl", "is-active", "machine-tinyb.scope", check=False).returncode != 0
+
+
+def test_machinectl_list(vm: InstalledVM) -> None:
+    rows = {line.split()[0]: line.split() for line in vm.machinectl("list").stdout.splitlines()}
+    assert set(rows) == {"tinya", "tinyb"}
+    assert rows["tinya"][1:3] == ["container", "systemd-nspawn"]
+
+
+def test_restart_keeps_machines(vm: InstalledVM) -> None:
+    before = {name: machine_props(vm, name) for name in ("tinya", "tinyb")}
+    pid = daemon_pid(vm)
+    vm.run("systemctl", "restart", UNIT)
+    assert daemon_pid(vm) not in (0, pid)
+    after = {name: machine_props(vm, name) for name in ("tinya", "tinyb")}
+    for name in before:
+        for key in ("Leader", "Unit", "Class", "Service", "RootDirectory", "Timestamp"):
+            assert after[name][key] == before[name][key], (name, key)
+    # and the restarted daemon still controls them: the scope is still watched
+    assert vm.run("systemctl", "is-active", "machine-tinya.scope").stdout.strip() == "active"
+
+
+def test_dbus_activation(vm: InstalledVM) -> None:
+    vm.run("systemctl", "stop", UNIT)
+    assert vm.run("systemctl", "is-active", UNIT, check=False).stdout.strip() == "inactive"
+    assert set(machines(vm)) == {"tinya", "tinyb"}  # machinectl's call activates the daemon
+    assert vm.run("systemctl", "is-active", UNIT).stdout.strip() == "active"
+    out = vm.run("cat", f"/proc/{daemon_pid(vm)}/cmdline").stdout
+    assert out.split("\0")[:3] == ["/usr/lib/machined/bin/python3", "-m", "machined"]
+
+
+def test_polkit_non_root_terminate(vm: InstalledVM) -> None:
+    # polkitd's verdict for a user without a session: auth_admin, which needs an agent
+    denied = vm.machinectl("terminate", "tinya", user="alice", check=False)
+    assert denied.returncode != 0
+    assert denied.stderr == "Could not terminate machine: Interactive authentication required.\n"
+    assert "tinya" in machines(vm)
+    vm.path(POLKIT_RULE).write_text(
+        'polkit.addRule(function(action, subject) {\n'
+        '    if ((action.id == "org.freedesktop.machine1.manage-machines" ||\n'
+        '         action.id == "org.freedesktop.machine1.shell") && subject.user == "alice")\n'
+        '        return polkit.Result.YES;\n'
+        '});\n')
+    try:
+        # polkitd notices the new rule by itself, a moment later
+        wait_for(lambda: vm.machinectl("terminate", "tinya", user="alice",
+                                       check=False).returncode == 0, 20, 0.2,
+                 "polkitd to allow alice")
+        wait_for(lambda: "tinya" not in machines(vm), 30, 0.1, "tinya to go away")
+        wait_for(lambda: vm.run("systemctl", "is-active", "machine-tinya.scope",
+                                check=False).stdout.strip() != "active", 30, 0.1)
+    finally:
+        vm.path(POLKIT_RULE).unlink()
+
+
+@inside_pending
+def test_polkit_non_root_shell(vm: InstalledVM) -> None:
+    denied = vm.machinectl("shell", "tinyb", "/bin/true", user="alice", check=False)
+    if "not implemented yet" in denied.stderr:
+        raise NotImplementedYet(denied.stderr.strip())
+    assert denied.returncode != 0 and "Interactive authentication required" in denied.stderr
+    vm.path(POLKIT_RULE).write_text(
+        'polkit.addRule(function(action, subject) {\n'
+        '    if (action.id == "org.freedesktop.machine1.shell" && subject.user == "alice")\n'
+        '        return polkit.Result.YES;\n'
+        '});\n')
+    try:
+        wait_for(lambda: vm.machinectl("shell", "tinyb", "/bin/true", user="alice",
+                                       check=False).returncode == 0, 20, 0.2)
+    finally:
+        vm.path(POLKIT_RULE).unlink()
+
+
+@inside_pending
+def test_shell(vm: InstalledVM) -> None:
+    out = done(vm.machinectl("shell", "tinyb", "/bin/echo", "hello", check=False))
+    assert "hello" in out.stdout
+
+
+@inside_pending
+def test_login(vm: InstalledVM) -> None:
+    # no getty in a busybox tree: getting the PTY is what counts
+    out = vm.run("timeout", "5", "machinectl", "login", "tinyb", check=False, input="")
+    if "not implemented yet" in out.stderr:
+        raise NotImplementedYet(out.stderr.strip())
+    assert "Connected to machine tinyb" in out.stdout + out.stderr
+
+
+@inside_pending
+def test_copy_to_and_from(vm: InstalledVM) -> None:
+    vm.path("/root/copy-in").write_text("to the container\n")
+    done(vm.machinectl("copy-to", "tinyb", "/root/copy-in", "/tmp/copied", check=False))
+    assert vm.path("/var/lib/machines/tinyb/tmp/copied").read_text() == "to the container\n"
+    done(vm.machinectl("copy-from", "tinyb", "/etc/hostname", "/root/copy-out", check=False))
+    assert vm.path("/root/copy-out").read_text() == "tinyhost\n"
+
+
+@inside_pending
+def test_bind(vm: InstalledVM) -> None:
+    vm.run("mkdir", "-p", "/root/bind-src")
+    vm.path("/root/bind-src/marker").write_text("bound\n")
+    done(vm.machinectl("bind", "--mkdir", "tinyb", "/root/bind-src", "/mnt/bound", check=False))
+    leader = machine_props(vm, "tinyb")["Leader"]
+    assert vm.run("cat", f"/proc/{leader}/root/mnt/bound/marker").stdout == "bound\n"
+
+
+@images_pending
+def test_list_images(vm: InstalledVM) -> None:
+    out = done(vm.machinectl("list-images", check=False))
+    assert "tiny " in out.stdout
+
+
+@images_pending
+def test_clone_and_remove(vm: InstalledVM) -> None:
+    done(vm.machinectl("clone", "tiny", "tinyclone", check=False))
+    assert vm.path("/var/lib/machines/tinyclone/bin/busybox").exists()
+    done(vm.machinectl("remove", "tinyclone", check=False))
+    assert not vm.path("/var/lib/machines/tinyclone").exists()
+
+
+def test_poweroff(vm: InstalledVM) -> None:
+    start_container(vm, "tinyc")
+    vm.machinectl("poweroff", "tinyc")
+    try:
+        wait_for(lambda: "tinyc" not in machines(vm), 30, 0.1, "tinyc to power off")
+    except AssertionError:
+        raise AssertionError(vm.machinectl("status", "tinyc", check=False).stdout + vm.run(
+            "journalctl", "--no-pager", "-n", "30", check=False).stdout) from None
+    wait_for(lambda: vm.run("systemctl", "is-active", "nspawn-tinyc", check=False)
+             .stdout.strip() != "active", 30, 0.1)
+
+
+def test_terminate_keep_unit(vm: InstalledVM) -> None:
+    vm.machinectl("terminate", "tinyb")
+    wait_for(lambda: "tinyb" not in machines(vm), 30, 0.1, "tinyb to go away")
+    wait_for(lambda: vm.run("systemctl", "is-active", "nspawn-tinyb", check=False)
+             .stdout.strip() != "active", 30, 0.1)
+
+
+def test_uninstall_restores_the_system(vm: InstalledVM) -> None:
+    # a machine registered with ours is handed over to the distribution's machined
+    start_container(vm, "tinya")
+    vm.run("/usr/lib/machined/install.sh", "uninstall", timeout=120)
+    after = vm.snapshot()
+    assert after == vm.before_install, "".join(difflib.unified_diff(
+        vm.before_install.splitlines(True), after.splitlines(True), "before", "after"))
+    status = vm.run("systemctl", "status", "--no-pager", UNIT).stdout
+    assert "Loaded: loaded (/lib/systemd/system/systemd-machined.service" in status
+    assert "/lib/systemd/systemd-machined" in status
+    assert "tinya" in machines(vm)
+    vm.machinectl("terminate", "tinya")
+    wait_for(lambda: "tinya" not in machines(vm), 30, 0.1)
