@@ -18,9 +18,10 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 UNIT = "systemd-machined.service"
 POLKIT_RULE = "/etc/polkit-1/rules.d/50-machined-test.rules"
-# A container payload that powers off on SIGRTMIN+4 (38), as systemd would; nspawn stops it
-# on SIGTERM by itself.
-PAYLOAD = ["/bin/sh", "-c", "trap 'exit 0' 38; sleep 100000 & wait"]
+# A container payload that powers off on SIGRTMIN+4, as systemd would; nspawn stops it on
+# SIGTERM by itself.
+POWEROFF_SIGNAL = 38  # SIGRTMIN+4
+PAYLOAD = ["/bin/sh", "-c", f"trap 'exit 0' {POWEROFF_SIGNAL}; sleep 100000 & wait"]
 
 
 class NotImplementedYet(Exception):
@@ -76,9 +77,16 @@ def start_container(vm: InstalledVM, name: str, keep_unit: bool = False) -> None
         return name in machines(vm)
 
     wait_for(registered, 30, 0.1, f"machine {name}")
-    # nspawn registers before the payload runs; the sleep shows the trap is in place
-    wait_for(lambda: "sleep 100000" in vm.machinectl("status", name).stdout, 30, 0.1,
-             f"the payload of {name}")
+    # nspawn registers before the payload runs: wait until its trap is in place
+    leader = machine_props(vm, name)["Leader"]
+
+    def trapped() -> bool:
+        status = vm.run("cat", f"/proc/{leader}/status").stdout
+        caught = next(line.split()[1] for line in status.splitlines()
+                      if line.startswith("SigCgt:"))
+        return bool(int(caught, 16) & (1 << (POWEROFF_SIGNAL - 1)))
+
+    wait_for(trapped, 30, 0.1, f"the payload of {name}")
 
 
 def test_unit_runs_our_daemon(vm: InstalledVM) -> None:
