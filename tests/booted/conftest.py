@@ -22,10 +22,10 @@ from tests.helpers.testvm import TestVM, TreeUnavailable, debian_tree
 MIRROR = os.environ.get("MIRROR", "http://deb.debian.org/debian")
 # What the installer needs of the checkout inside the VM.
 SOURCES = ("units", "policy", "scripts")
-# Everything of the system that install may touch, as `path mode owner group type target hash`
-# lines, and the dpkg diversions: equal before install and after uninstall.
-SNAPSHOT = r"""find /etc /usr -xdev \( -type f -printf '%p %m %U %G f ' -exec sha256sum {} \; \) \
-    -o \( ! -type f -printf '%p %m %U %G %y %l\n' \) | sort; dpkg-divert --list | sort"""
+# Everything of the system that install may touch (path, mode, owner, group, type, link target;
+# the hash of every file) and the dpkg diversions: equal before install and after uninstall.
+SNAPSHOT = r"""{ find /etc /usr -xdev -printf '%p %m %U %G %y %l\n';
+    find /etc /usr -xdev -type f -exec sha256sum {} +; dpkg-divert --list; } | sort"""
 
 
 def archive_reachable() -> bool:

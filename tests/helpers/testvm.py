@@ -50,16 +50,22 @@ class TestVM:
         self.proc: subprocess.Popen[bytes] | None = None
         self.leader = 0
         self._mounted = False
+        self._scoped = False  # the fake scope cgroups exist
 
     # ------------------------------------------------------------------ life cycle
-    def boot(self, timeout: float = 120) -> None:
+    def mount(self) -> None:
+        """The tree at self.root, writable, on an overlay (without booting it)."""
         for d in ("upper", "work", "root"):
             (self.workdir / d).mkdir(parents=True, exist_ok=True)
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                         f"lowerdir={self.tree},upperdir={self.workdir / 'upper'},"
                         f"workdir={self.workdir / 'work'}", str(self.root)], check=True)
         self._mounted = True
+
+    def boot(self, timeout: float = 120) -> None:
+        self.mount()
         procs_files = []
+        self._scoped = True
         for hier in self._hierarchies():
             (hier / self.scope).mkdir(parents=True, exist_ok=True)
             procs_files.append(str(hier / self.scope / "cgroup.procs"))
@@ -113,8 +119,9 @@ class TestVM:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for hier in self._hierarchies():
-            self._remove_cgroup(hier / self.scope)
+        if self._scoped:
+            for hier in self._hierarchies():
+                self._remove_cgroup(hier / self.scope)
         if self._mounted:
             subprocess.run(["umount", str(self.root)], check=False)
             self._mounted = False
