@@ -264,6 +264,16 @@ def test_terminate_keep_unit(vm: InstalledVM) -> None:
              .stdout.strip() != "active", 30, 0.1)
 
 
+def test_daemon_logged_no_warnings(vm: InstalledVM) -> None:
+    """Everything above is ordinary work: our daemon logged nothing at warning or worse."""
+    def journal(*args: str) -> str:
+        return vm.run("journalctl", "--no-pager", "--quiet", "--output=cat",
+                      f"_SYSTEMD_UNIT={UNIT}", *args).stdout
+
+    assert "New machine tinyc." in journal("--priority=info")  # the log is there, at its levels
+    assert journal("--priority=warning") == ""
+
+
 def test_uninstall_restores_the_system(vm: InstalledVM) -> None:
     # a machine registered with ours is handed over to the distribution's machined
     start_container(vm, "tinya")
