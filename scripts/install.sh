@@ -100,6 +100,8 @@ build_wheelhouse() {   # DIR
 do_install() {
     [ -e "$ROOT$STATE" ] && die "already installed ($STATE exists); uninstall first"
     [ -x "$ROOT/usr/bin/python3" ] || die "$ROOT/usr/bin/python3 is missing"
+    in_target /usr/bin/python3 -c 'import ensurepip' 2>/dev/null ||
+        die "python3 cannot make virtualenvs (on Debian: apt-get install python3-venv)"
     if [ -z "$WHEELHOUSE" ]; then
         TMP=$(mktemp -d)
         trap 'rm -rf "$TMP"' EXIT
