@@ -122,8 +122,13 @@ do_install() {
     install -m 0755 "$SRC/scripts/install.sh" "$ROOT$PREFIX/install.sh"
 
     place_file "$SRC/units/systemd-machined.service" /etc/systemd/system/systemd-machined.service
-    place_link /etc/systemd/system/systemd-machined.service \
-        /etc/systemd/system/dbus-org.freedesktop.machine1.service
+    # the alias D-Bus activation asks for; systemd-container ships it (a symlink by name, so it
+    # finds our unit in /etc too)
+    local alias=dbus-org.freedesktop.machine1.service
+    if [ ! -L "$ROOT/lib/systemd/system/$alias" ] && [ ! -L "$ROOT/usr/lib/systemd/system/$alias" ]
+    then
+        place_link /etc/systemd/system/systemd-machined.service "/etc/systemd/system/$alias"
+    fi
     place_file "$SRC/units/org.freedesktop.machine1.service" \
         /usr/share/dbus-1/system-services/org.freedesktop.machine1.service
     place_file "$SRC/policy/org.freedesktop.machine1.conf" \

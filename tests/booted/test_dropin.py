@@ -92,7 +92,7 @@ def start_container(vm: InstalledVM, name: str, keep_unit: bool = False) -> None
 def test_unit_runs_our_daemon(vm: InstalledVM) -> None:
     vm.run("systemctl", "start", UNIT)
     status = vm.run("systemctl", "status", "--no-pager", UNIT).stdout
-    assert "Loaded: loaded (/etc/systemd/system/systemd-machined.service" in status
+    assert "Loaded: loaded (/etc/systemd/system/systemd-machined.service; static)" in status
     assert "active (running)" in status
     assert "/usr/lib/machined/bin/python3 -m machined" in status
     assert 'Status: "Processing requests (systemd1 scopes)..."' in status
