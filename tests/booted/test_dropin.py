@@ -17,6 +17,10 @@ from .conftest import InstalledVM
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 UNIT = "systemd-machined.service"
+# 252's CapabilityBoundingSet= (CAP_KILL CAP_SYS_PTRACE CAP_SYS_ADMIN CAP_SETGID CAP_SYS_CHROOT
+# CAP_DAC_READ_SEARCH CAP_DAC_OVERRIDE CAP_CHOWN CAP_FOWNER CAP_FSETID CAP_MKNOD
+# CAP_LINUX_IMMUTABLE) as a mask
+CAPABILITIES = sum(1 << c for c in (5, 19, 21, 6, 18, 2, 1, 0, 3, 4, 27, 9))
 POLKIT_RULE = "/etc/polkit-1/rules.d/50-machined-test.rules"
 # A container payload that powers off on SIGRTMIN+4, as systemd would; nspawn stops it on
 # SIGTERM by itself.
@@ -100,6 +104,13 @@ def test_unit_runs_our_daemon(vm: InstalledVM) -> None:
     assert props["Type"] == "notify" and props["BusName"] == "org.freedesktop.machine1"
     out = vm.run("cat", f"/proc/{daemon_pid(vm)}/cmdline").stdout
     assert out.split("\0")[:3] == ["/usr/lib/machined/bin/python3", "-m", "machined"]
+    # it runs inside 252's sandbox: no new privileges, a seccomp filter, 252's capabilities
+    status = dict(line.split(":\t", 1) for line in
+                  vm.run("cat", f"/proc/{daemon_pid(vm)}/status").stdout.splitlines())
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+    assert int(status["CapBnd"], 16) == CAPABILITIES
+    verify = vm.run("systemd-analyze", "verify", "--man=no", UNIT, check=False)
+    assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify
 
 
 def test_nspawn_create_machine(vm: InstalledVM) -> None:
