@@ -19,6 +19,8 @@ from tests.helpers.busdaemon import REPO
 from tests.helpers.daemon import have
 from tests.helpers.testvm import TestVM, TreeUnavailable, debian_tree
 
+from .scenario import start_container
+
 MIRROR = os.environ.get("MIRROR", "http://deb.debian.org/debian")
 # What the installer needs of the checkout inside the VM.
 SOURCES = ("units", "policy", "scripts")
@@ -91,8 +93,10 @@ def vm(bookworm_tree: Path, wheelhouse: Path, busybox_tree: Path,
         # a non-root user for the polkit checks, before the snapshot (it changes /etc)
         v.run("useradd", "--create-home", "alice")
         # container trees for nested nspawn (one per container: nspawn locks its directory)
-        for name in ("tiny", "tinya", "tinyb", "tinyc"):
+        for name in ("tiny", "tinya", "tinyb", "tinyc", "tinyd"):
             shutil.copytree(busybox_tree, v.path(f"/var/lib/machines/{name}"), symlinks=True)
+        # a machine of the distribution's machined (252), which ours must take over
+        start_container(v, "tinyd")
         v.before_install = v.snapshot()
         v.install()
         yield v

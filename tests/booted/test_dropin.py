@@ -13,6 +13,7 @@ import pytest
 from tests.helpers.daemon import wait_for
 
 from .conftest import InstalledVM
+from .scenario import machine_props, machines, start_container
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -22,12 +23,6 @@ UNIT = "systemd-machined.service"
 # CAP_LINUX_IMMUTABLE) as a mask
 CAPABILITIES = sum(1 << c for c in (5, 19, 21, 6, 18, 2, 1, 0, 3, 4, 27, 9))
 POLKIT_RULE = "/etc/polkit-1/rules.d/50-machined-test.rules"
-# A container payload that powers off on SIGRTMIN+4, as systemd would; nspawn stops it on
-# SIGTERM by itself.
-POWEROFF_SIGNAL = 38  # SIGRTMIN+4
-PAYLOAD = ["/bin/sh", "-c", f"trap 'exit 0' {POWEROFF_SIGNAL}; sleep 100000 & wait"]
-
-
 class NotImplementedYet(Exception):
     """The daemon answered NotSupported "... is not implemented yet ..." (issues 3 and 4)."""
 
@@ -52,45 +47,8 @@ def show(vm: InstalledVM, *args: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def machine_props(vm: InstalledVM, name: str) -> dict[str, str]:
-    out = vm.machinectl("show", name).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
-def machines(vm: InstalledVM) -> list[str]:
-    return [line.split()[0] for line in vm.machinectl("list").stdout.splitlines() if line]
-
-
 def daemon_pid(vm: InstalledVM) -> int:
     return int(show(vm, "-p", "MainPID", UNIT)["MainPID"])
-
-
-def start_container(vm: InstalledVM, name: str, keep_unit: bool = False) -> None:
-    """`systemd-nspawn --register=yes` of a busybox tree, as the service nspawn-NAME."""
-    nspawn = ["systemd-nspawn", "--quiet", "--register=yes", "-D", f"/var/lib/machines/{name}",
-              "-M", name]
-    if keep_unit:
-        nspawn.append("--keep-unit")
-    vm.run("systemd-run", "--collect", f"--unit=nspawn-{name}", "--", *nspawn, *PAYLOAD)
-
-    def registered() -> bool:
-        if vm.run("systemctl", "is-failed", "--quiet", f"nspawn-{name}", check=False) \
-                .returncode == 0:
-            raise AssertionError(vm.run("journalctl", "--no-pager", "-u", f"nspawn-{name}",
-                                        check=False).stdout)
-        return name in machines(vm)
-
-    wait_for(registered, 30, 0.1, f"machine {name}")
-    # nspawn registers before the payload runs: wait until its trap is in place
-    leader = machine_props(vm, name)["Leader"]
-
-    def trapped() -> bool:
-        status = vm.run("cat", f"/proc/{leader}/status").stdout
-        caught = next(line.split()[1] for line in status.splitlines()
-                      if line.startswith("SigCgt:"))
-        return bool(int(caught, 16) & (1 << (POWEROFF_SIGNAL - 1)))
-
-    wait_for(trapped, 30, 0.1, f"the payload of {name}")
 
 
 def test_unit_runs_our_daemon(vm: InstalledVM) -> None:
@@ -111,6 +69,18 @@ def test_unit_runs_our_daemon(vm: InstalledVM) -> None:
     assert int(status["CapBnd"], 16) == CAPABILITIES
     verify = vm.run("systemd-analyze", "verify", "--man=no", UNIT, check=False)
     assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify
+
+
+def test_takes_over_the_machines_of_252(vm: InstalledVM) -> None:
+    """tinyd was registered with the distribution's machined before install restarted the
+    service into ours: ours read 252's state file and controls the machine."""
+    props = machine_props(vm, "tinyd")
+    assert props["Unit"] == "machine-tinyd.scope" and props["Class"] == "container"
+    assert props["RootDirectory"] == "/var/lib/machines/tinyd"
+    vm.machinectl("terminate", "tinyd")
+    wait_for(lambda: "tinyd" not in machines(vm), 30, 0.1, "tinyd to go away")
+    wait_for(lambda: vm.run("systemctl", "is-active", "machine-tinyd.scope", check=False)
+             .stdout.strip() != "active", 30, 0.1)
 
 
 def test_nspawn_create_machine(vm: InstalledVM) -> None:
@@ -279,7 +249,7 @@ def test_daemon_logged_no_warnings(vm: InstalledVM) -> None:
     """Everything above is ordinary work: our daemon logged nothing at warning or worse."""
     def journal(*args: str) -> str:
         return vm.run("journalctl", "--no-pager", "--quiet", "--output=cat",
-                      f"_SYSTEMD_UNIT={UNIT}", *args).stdout
+                      f"_SYSTEMD_UNIT={UNIT}", "_COMM=python3", *args).stdout  # not 252's
 
     assert "New machine tinyc." in journal("--priority=info")  # the log is there, at its levels
     assert journal("--priority=warning") == ""
