@@ -128,6 +128,28 @@ def test_restart_keeps_machines(vm: InstalledVM) -> None:
     assert vm.run("systemctl", "is-active", "machine-tinya.scope").stdout.strip() == "active"
 
 
+def test_systemd_reload_keeps_machines(vm: InstalledVM) -> None:
+    """daemon-reload (Reloading, then PropertiesChanged of every unit) makes ours recheck every
+    machine: all stay."""
+    vm.run("systemctl", "daemon-reload")
+    assert set(machines(vm)) == {"tinya", "tinyb"}
+    assert machine_props(vm, "tinya")["State"] == "running"
+
+
+def test_kill_all(vm: InstalledVM) -> None:
+    """machinectl kill (whom=all) goes through systemd's KillUnit to every process."""
+    leader = machine_props(vm, "tinyb")["Leader"]
+
+    def state() -> str:
+        stat = vm.run("cat", f"/proc/{leader}/stat").stdout
+        return stat[stat.rfind(")") + 2]
+
+    vm.machinectl("kill", "--signal=SIGSTOP", "tinyb")
+    wait_for(lambda: state() == "T", 10, 0.1, "the leader to stop")
+    vm.machinectl("kill", "--signal=SIGCONT", "tinyb")
+    wait_for(lambda: state() != "T", 10, 0.1, "the leader to continue")
+
+
 def test_dbus_activation(vm: InstalledVM) -> None:
     vm.run("systemctl", "stop", UNIT)
     assert vm.run("systemctl", "is-active", UNIT, check=False).stdout.strip() == "inactive"
@@ -159,6 +181,14 @@ def test_polkit_non_root_terminate(vm: InstalledVM) -> None:
                                 check=False).stdout.strip() != "active", 30, 0.1)
     finally:
         vm.path(POLKIT_RULE).unlink()
+
+
+def test_scope_stopped_through_systemd(vm: InstalledVM) -> None:
+    """`systemctl stop machine-NAME.scope`: ours learns it from systemd's signals."""
+    start_container(vm, "tinya")
+    vm.run("systemctl", "stop", "machine-tinya.scope")
+    wait_for(lambda: "tinya" not in machines(vm), 30, 0.1, "tinya to go away")
+    assert not vm.path("/run/systemd/machines/tinya").exists()
 
 
 @inside_pending
