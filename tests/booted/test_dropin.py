@@ -23,6 +23,8 @@ UNIT = "systemd-machined.service"
 # CAP_LINUX_IMMUTABLE) as a mask
 CAPABILITIES = sum(1 << c for c in (5, 19, 21, 6, 18, 2, 1, 0, 3, 4, 27, 9))
 POLKIT_RULE = "/etc/polkit-1/rules.d/50-machined-test.rules"
+
+
 class NotImplementedYet(Exception):
     """The daemon answered NotSupported "... is not implemented yet ..." (issues 3 and 4)."""
 
@@ -63,10 +65,10 @@ def test_unit_runs_our_daemon(vm: InstalledVM) -> None:
     out = vm.run("cat", f"/proc/{daemon_pid(vm)}/cmdline").stdout
     assert out.split("\0")[:3] == ["/usr/lib/machined/bin/python3", "-m", "machined"]
     # it runs inside 252's sandbox: no new privileges, a seccomp filter, 252's capabilities
-    status = dict(line.split(":\t", 1) for line in
-                  vm.run("cat", f"/proc/{daemon_pid(vm)}/status").stdout.splitlines())
-    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
-    assert int(status["CapBnd"], 16) == CAPABILITIES
+    proc = dict(line.split(":\t", 1) for line in
+                vm.run("cat", f"/proc/{daemon_pid(vm)}/status").stdout.splitlines())
+    assert proc["NoNewPrivs"] == "1" and proc["Seccomp"] == "2"
+    assert int(proc["CapBnd"], 16) == CAPABILITIES
     verify = vm.run("systemd-analyze", "verify", "--man=no", UNIT, check=False)
     assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify
 
