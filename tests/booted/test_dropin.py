@@ -49,6 +49,11 @@ def show(vm: InstalledVM, *args: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
+def state_files(vm: InstalledVM) -> list[str]:
+    """/run/systemd/machines of the VM (its /run is not in the overlay the host sees)."""
+    return vm.run("ls", "-A", "/run/systemd/machines").stdout.split()
+
+
 def daemon_pid(vm: InstalledVM) -> int:
     return int(show(vm, "-p", "MainPID", UNIT)["MainPID"])
 
@@ -109,6 +114,16 @@ def test_nspawn_register_machine_keep_unit(vm: InstalledVM) -> None:
     assert "Unit: nspawn-tinyb.service" in status
     assert "sleep 100000" in status
     assert vm.run("systemctl", "is-active", "machine-tinyb.scope", check=False).returncode != 0
+
+
+def test_scope_name_escaping(vm: InstalledVM) -> None:
+    """A '-' in the name is escaped in the scope's unit name, as systemd expects."""
+    start_container(vm, "tiny-e")
+    assert machine_props(vm, "tiny-e")["Unit"] == "machine-tiny\\x2de.scope"
+    assert vm.run("systemctl", "is-active", "machine-tiny\\x2de.scope").stdout.strip() == "active"
+    assert "unit:machine-tiny\\x2de.scope" in state_files(vm)
+    vm.machinectl("terminate", "tiny-e")
+    wait_for(lambda: "tiny-e" not in machines(vm), 30, 0.1, "tiny-e to go away")
 
 
 def test_machinectl_list(vm: InstalledVM) -> None:
@@ -190,7 +205,7 @@ def test_scope_stopped_through_systemd(vm: InstalledVM) -> None:
     start_container(vm, "tinya")
     vm.run("systemctl", "stop", "machine-tinya.scope")
     wait_for(lambda: "tinya" not in machines(vm), 30, 0.1, "tinya to go away")
-    assert not vm.path("/run/systemd/machines/tinya").exists()
+    assert "tinya" not in state_files(vm) and "unit:machine-tinya.scope" not in state_files(vm)
 
 
 @inside_pending
@@ -229,8 +244,9 @@ def test_login(vm: InstalledVM) -> None:
 @inside_pending
 def test_copy_to_and_from(vm: InstalledVM) -> None:
     vm.path("/root/copy-in").write_text("to the container\n")
-    done(vm.machinectl("copy-to", "tinyb", "/root/copy-in", "/tmp/copied", check=False))
-    assert vm.path("/var/lib/machines/tinyb/tmp/copied").read_text() == "to the container\n"
+    # (not to /tmp: nspawn mounts a tmpfs there)
+    done(vm.machinectl("copy-to", "tinyb", "/root/copy-in", "/root/copied", check=False))
+    assert vm.path("/var/lib/machines/tinyb/root/copied").read_text() == "to the container\n"
     done(vm.machinectl("copy-from", "tinyb", "/etc/hostname", "/root/copy-out", check=False))
     assert vm.path("/root/copy-out").read_text() == "tinyhost\n"
 
