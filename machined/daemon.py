@@ -98,13 +98,14 @@ async def run(options: Options) -> int:
     await dispatcher.watch_peers()
     log.info("Using the %s scope backend.", backend.name)
 
+    # Reload before taking the name: 252 reloads with blocking calls, so no client (one that
+    # activated us, say) ever sees the machine list before the state files are read.
+    await registry.start()
     try:
         await bus.request_name_async(BUS_NAME, 0)
     except SdBusRequestNameError as e:
         log.error("Failed to acquire %s: %s", BUS_NAME, e)
         return 1
-
-    await registry.start()
     sd_notify(f"READY=1\nSTATUS=Processing requests ({backend.name} scopes)...")
     log.info("Ready: %d machine(s) registered.", len(registry.machines) - 1)
 

@@ -76,6 +76,7 @@ class Registry:
         """Add .host, reload the state files, collect the dead, start the rest (§1.2, §7.4)."""
         self.statedir.ensure()
         self._add(self.host)
+        reloaded = []
         for m in self.statedir.load():
             if m.name in self.machines:
                 continue
@@ -85,8 +86,16 @@ class Registry:
                 self._finalize(m)
                 self._free(m)
                 continue
-            self.queue_gc(m)
-        await self._gc_drain(drop_not_started=False)
+            reloaded.append(m)
+        # Checked here, not through the GC queue: its task drops machines that are not started
+        # yet, which these all are while the checks await systemd's answers.
+        for m in reloaded:
+            if self.machines.get(m.name) is not m:
+                continue
+            try:
+                await self._gc_one(m, drop_not_started=False)
+            except Exception:
+                log.exception("Garbage collection of machine %s failed", m.name)
         for m in self:
             if m is self.host or m.started:
                 continue

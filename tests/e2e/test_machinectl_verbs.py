@@ -112,6 +112,9 @@ def test_kill_whom_leader_versus_all(bus: BusDaemon, machined: Machined, monitor
         stat = Path(f"/proc/{pid}/stat").read_text()
         return stat[stat.rfind(")") + 2]
 
+    # the shell forks the child before it execs sleep
+    wait_for(lambda: any(cmdline(p) == "sleep 1000" for p in children()), 5,
+             what="the child to run sleep")
     (child,) = [p for p in children() if cmdline(p) == "sleep 1000"]
     machinectl(bus, "kill", "--kill-whom=leader", "--signal=SIGSTOP", ct.name)
     wait_for(lambda: state(ct.leader) == "T", 3, what="the leader to stop")

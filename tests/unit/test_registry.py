@@ -292,3 +292,23 @@ async def test_reload_keeps_live_and_drops_dead(world: World, tmp_path: Path) ->
     assert again.registry.get("b") is None
     assert ("new", "b") not in again.listener.events
     assert not (tmp_path / "b").exists()
+
+
+async def test_reload_keeps_every_live_machine_when_the_backend_answers_later(
+        world: World, tmp_path: Path) -> None:
+    """Regression (found on a booted systemd): with a backend whose checks await a reply, the GC
+    task started during reload dropped the machines not checked yet (all but the first)."""
+    for i, name in enumerate(("a", "b", "c")):
+        await world.registry.create(spec(name, 100 + i), [], 1)
+    again = World(tmp_path)
+    again.backend.active = {"machine-a.scope", "machine-b.scope", "machine-c.scope"}
+
+    async def unit_is_active(m: Machine) -> bool:
+        await asyncio.sleep(0)  # a bus round trip
+        return m.unit in again.backend.active
+
+    again.backend.unit_is_active = unit_is_active  # type: ignore[method-assign]
+    await again.registry.start()
+    await again.settle()
+    assert sorted(m.name for m in again.registry if m.name != ".host") == ["a", "b", "c"]
+    assert all((tmp_path / name).exists() for name in ("a", "b", "c"))
