@@ -58,8 +58,8 @@ def destroy_subvolume(path: str) -> None:
     parent, name = os.path.split(path.rstrip("/"))
     fd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        args = struct.pack("q4088s", 0, os.fsencode(name))
-        fcntl.ioctl(fd, BTRFS_IOC_SNAP_DESTROY, args)
+        args = bytearray(struct.pack("q4088s", 0, os.fsencode(name)))
+        fcntl.ioctl(fd, BTRFS_IOC_SNAP_DESTROY, args, True)
     finally:
         os.close(fd)
 

@@ -134,13 +134,23 @@ def read_metadata(path: str) -> Metadata:
                     tuple(map(tuple, data["os_release"])))
 
 
-def _mount(image: str, offset: int, size: int, where: str) -> None:
-    out = subprocess.run(
-        ["mount", "-o", f"ro,loop,offset={offset},sizelimit={size}", image, where],
-        capture_output=True, text=True, check=False)
+def _tool(*args: str) -> str:
+    out = subprocess.run(args, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise OSError(errno.EUCLEAN if "wrong fs type" in out.stderr else errno.EIO,
-                      out.stderr.strip())
+        code = errno.EUCLEAN if "wrong fs type" in out.stderr else errno.EIO
+        raise OSError(code, f"{args[0]}: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+def _mount(image: str, offset: int, size: int, where: str) -> None:
+    """A read-only loop device of its own (mount -o loop would share one another user attached
+    read-write), detached right after mounting: the kernel then frees it with the mount."""
+    dev = _tool("losetup", "--find", "--show", "--read-only", "--offset", str(offset),
+                "--sizelimit", str(size), image)
+    try:
+        _tool("mount", "-o", "ro", dev, where)
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
 
 
 def _child(argv: list[str]) -> int:

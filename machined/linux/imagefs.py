@@ -318,7 +318,7 @@ def _clone_tree(image: Image, tmp: str, read_only: bool) -> None:
         os.mkdir(tmp, 0o755)
     # A faithful copy: owners, modes, timestamps, xattrs and ACLs, hard links, device nodes,
     # sparse files; reflinks where the file system shares extents; one file system only.
-    _cp("-a", "-x", "--reflink=auto", "--sparse=auto", "-T", image.path, tmp)
+    _cp("-a", "-x", "--reflink=auto", "--sparse=auto", "-T", image.path + "/.", tmp)
     if read_only:
         if subvolume:
             btrfs.set_subvolume_read_only(tmp, True)
