@@ -9,6 +9,8 @@ import os
 import re
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
+from typing import NamedTuple
 
 from .errors import ErrnoError, InvalidArgs, NoSuchImage
 from .names import bus_label_escape, image_name_is_valid, machine_name_is_valid
@@ -31,8 +33,9 @@ class ImageType(Enum):
     BLOCK = "block"
 
 
-@dataclass(frozen=True)
-class Image:
+class Image(NamedTuple):
+    """An image as found on disk (a tuple: ListImages makes a thousand of them per call)."""
+
     name: str
     path: str
     type: ImageType
@@ -59,6 +62,7 @@ class Image:
         return os.path.dirname(self.path)
 
 
+@lru_cache(maxsize=4096)
 def image_object_path(name: str) -> str:
     return f"{IMAGE_PATH_PREFIX}/{bus_label_escape(name)}"
 

@@ -9,7 +9,9 @@ import errno
 import fcntl
 import os
 import struct
+import threading
 from functools import cache
+from typing import NamedTuple
 
 BTRFS_SUPER_MAGIC = 0x9123683E
 FS_IOC_GETFLAGS = 0x80086601
@@ -55,19 +57,53 @@ def is_btrfs(path: str) -> bool:
         return False
 
 
+_STATX_BASIC = 0x7FF
+_STATX_ATTR_IMMUTABLE = 0x10
+# statx up to stx_dev_minor: mask, blksize, attributes, nlink, uid, gid, mode, ino, size,
+# blocks, attributes_mask, (atime), btime, (ctime), mtime, rdev, dev
+_STATX = struct.Struct("=IIQIIIH2xQQQQ16xqI4x16xqI4xIIII")
+_buffers = threading.local()
+
+
+class Statx(NamedTuple):
+    mode: int
+    ino: int
+    dev: int
+    rdev: int
+    size: int
+    blocks: int
+    mtime_usec: int
+    btime_usec: int  # 0: not recorded
+    immutable: bool | None  # None: the file system does not say
+
+
+def statx(path: str, follow: bool = True) -> Statx:
+    """One statx() call for what os.stat, the birth time and the immutable flag would take
+    several calls for."""
+    buf = getattr(_buffers, "statx", None)
+    if buf is None:
+        buf = _buffers.statx = ctypes.create_string_buffer(256)
+    flags = 0 if follow else 0x100  # AT_SYMLINK_NOFOLLOW
+    if _libc().statx(AT_FDCWD, path.encode(), flags, _STATX_BASIC | _STATX_BTIME, buf) < 0:
+        _check(-1, path)
+    (mask, _blksize, attrs, _nlink, _uid, _gid, mode, ino, size, blocks, attrs_mask,
+     bsec, bnsec, msec, mnsec, rdev_major, rdev_minor, dev_major,
+     dev_minor) = _STATX.unpack_from(buf)
+    btime = 0
+    if mask & _STATX_BTIME and (bsec > 0 or bnsec):
+        btime = bsec * 1_000_000 + bnsec // 1000
+    immutable = bool(attrs & _STATX_ATTR_IMMUTABLE) if attrs_mask & _STATX_ATTR_IMMUTABLE \
+        else None
+    return Statx(mode, ino, os.makedev(dev_major, dev_minor), os.makedev(rdev_major, rdev_minor),
+                 size, blocks, msec * 1_000_000 + mnsec // 1000, btime, immutable)
+
+
 def birth_time_usec(path: str, follow: bool = True) -> int:
     """statx() birth time in µs, 0 if the file system does not record it."""
-    buf = ctypes.create_string_buffer(256)
-    flags = 0 if follow else 0x100  # AT_SYMLINK_NOFOLLOW
     try:
-        _check(_libc().statx(AT_FDCWD, os.fsencode(path), flags, _STATX_BTIME, buf), path)
-    except (OSError, AttributeError):
+        return statx(path, follow).btime_usec
+    except OSError:
         return 0
-    mask = struct.unpack_from("I", buf, 0)[0]
-    if not mask & _STATX_BTIME:
-        return 0
-    sec, nsec = struct.unpack_from("qI", buf, 0x50)  # stx_btime
-    return 0 if sec <= 0 and nsec == 0 else sec * 1_000_000 + nsec // 1000
 
 
 def get_inode_flags(fd: int) -> int:

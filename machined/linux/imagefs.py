@@ -42,40 +42,53 @@ def _err(code: int) -> OSError:
 
 
 # ------------------------------------------------------------------ what an entry is
-def _crtime(path: str) -> int:
+def _crtime(path: str, birth: int) -> int:
     """The older of the birth time and the user.crtime_usec xattr (§10.5)."""
-    birth = lfs.birth_time_usec(path)
     try:
         raw = os.getxattr(path, CRTIME_XATTR)
-        if len(raw) == 8:
-            xattr = struct.unpack("<Q", raw)[0]
-            if xattr and (not birth or xattr < birth):
-                return int(xattr)
     except OSError:
-        pass
+        return birth
+    if len(raw) == 8:
+        xattr = int(struct.unpack("<Q", raw)[0])
+        if xattr and (not birth or xattr < birth):
+            return xattr
     return birth
 
 
-def inspect(search: SearchPath, directory: str, name: str, path: str,
-            st: os.stat_result) -> Image | None:
+class _Dir:
+    """A search directory, resolved, with what all its entries share."""
+
+    def __init__(self, search: SearchPath, path: str) -> None:
+        self.path = path
+        self.vendor = search.is_vendor_dir(path)
+        self.dev = os.stat(path).st_dev
+        self.read_only = lfs.mount_read_only(path)
+
+    def read_only_mount(self, path: str, st: lfs.Statx) -> bool:
+        # faccessat(W_OK) == EROFS: only an entry on another mount can differ from its directory
+        return self.read_only if st.dev == self.dev else lfs.mount_read_only(path)
+
+
+def inspect(d: _Dir, name: str, path: str, st: lfs.Statx) -> Image | None:
     """The image at `path` (already stat'ed, symlinks followed), or None if it is none."""
-    vendor = search.is_vendor_dir(directory)
-    base_ro = vendor or lfs.mount_read_only(path)
-    if stat.S_ISDIR(st.st_mode):
-        if st.st_ino == btrfs.SUBVOLUME_INODE and lfs.is_btrfs(path):
+    base_ro = d.vendor or d.read_only_mount(path, st)
+    if stat.S_ISDIR(st.mode):
+        if st.ino == btrfs.SUBVOLUME_INODE and lfs.is_btrfs(path):
             q = btrfs.quota(path)
             return Image(name, path, ImageType.SUBVOLUME,
-                         base_ro or btrfs.subvolume_read_only(path), _crtime(path), 0,
-                         q.referenced, q.exclusive, q.referenced_max, q.exclusive_max, vendor)
-        return Image(name, path, ImageType.DIRECTORY, base_ro or lfs.is_immutable(path),
-                     _crtime(path), 0, vendor=vendor)
-    if stat.S_ISREG(st.st_mode):
-        usage = st.st_blocks * 512
-        return Image(name, path, ImageType.RAW, base_ro or not st.st_mode & 0o222,
-                     _crtime(path), st.st_mtime_ns // 1000, usage, usage, st.st_size,
-                     st.st_size, vendor)
-    if stat.S_ISBLK(st.st_mode):
-        size, ro = UINT64_MAX, base_ro or not st.st_mode & 0o222
+                         base_ro or btrfs.subvolume_read_only(path), _crtime(path, st.btime_usec),
+                         0, q.referenced, q.exclusive, q.referenced_max, q.exclusive_max,
+                         d.vendor)
+        immutable = st.immutable if st.immutable is not None else lfs.is_immutable(path)
+        return Image(name, path, ImageType.DIRECTORY, base_ro or immutable,
+                     _crtime(path, st.btime_usec), 0, vendor=d.vendor)
+    if stat.S_ISREG(st.mode):
+        usage = st.blocks * 512
+        return Image(name, path, ImageType.RAW, base_ro or not st.mode & 0o222,
+                     _crtime(path, st.btime_usec), st.mtime_usec, usage, usage, st.size,
+                     st.size, d.vendor)
+    if stat.S_ISBLK(st.mode):
+        size, ro = UINT64_MAX, base_ro or not st.mode & 0o222
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
         except OSError:
@@ -88,7 +101,7 @@ def inspect(search: SearchPath, directory: str, name: str, path: str,
                 pass
             finally:
                 os.close(fd)
-        return Image(name, path, ImageType.BLOCK, ro, 0, 0, size, size, size, size, vendor)
+        return Image(name, path, ImageType.BLOCK, ro, 0, 0, size, size, size, size, d.vendor)
     return None
 
 
@@ -96,10 +109,10 @@ def host_image() -> Image:
     return Image(HOST_IMAGE, "/", ImageType.DIRECTORY, False, lfs.birth_time_usec("/"), 0)
 
 
-def _real_dirs(search: SearchPath) -> Iterator[str]:
+def _dirs(search: SearchPath) -> Iterator[_Dir]:
     for d in search.dirs:
         try:
-            yield os.path.realpath(d, strict=True)
+            yield _Dir(search, os.path.realpath(d, strict=True))
         except OSError:
             continue
 
@@ -108,25 +121,25 @@ def find(search: SearchPath, name: str) -> Image | None:
     """Look one name up (§10.2); None if it is nowhere (or invalid)."""
     if not image_name_is_valid(name):
         return None
-    for d in _real_dirs(search):
-        path = f"{d}/{name}"
+    for d in _dirs(search):
+        path = f"{d.path}/{name}"
         try:
-            st = os.stat(path)
+            st = lfs.statx(path)
         except FileNotFoundError:
             path += ".raw"
             try:
-                st = os.stat(path)
-            except FileNotFoundError:
+                st = lfs.statx(path)
+            except (FileNotFoundError, NotADirectoryError):
                 continue
-            if not stat.S_ISREG(st.st_mode):
+            if not stat.S_ISREG(st.mode):
                 continue
         except NotADirectoryError:
             continue
         else:
-            if not (stat.S_ISDIR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            if not (stat.S_ISDIR(st.mode) or stat.S_ISBLK(st.mode)):
                 continue
         try:
-            image = inspect(search, d, name, path, st)
+            image = inspect(d, name, path, st)
         except FileNotFoundError:
             continue
         if image is not None:
@@ -137,29 +150,29 @@ def find(search: SearchPath, name: str) -> Image | None:
 def discover(search: SearchPath) -> dict[str, Image]:
     """Every image on the search path, earlier directories first (§10.3), plus `.host`."""
     found: dict[str, Image] = {}
-    for d in _real_dirs(search):
+    for d in _dirs(search):
         try:
-            entries = os.listdir(d)
+            entries = os.listdir(d.path)
         except OSError:
             continue
         for entry in entries:
-            path = f"{d}/{entry}"
+            path = f"{d.path}/{entry}"
             try:
-                st = os.stat(path)
+                st = lfs.statx(path)
             except OSError:
                 continue
-            if stat.S_ISREG(st.st_mode):
+            if stat.S_ISREG(st.mode):
                 if not entry.endswith(".raw"):
                     continue
                 name = entry[:-4]
-            elif stat.S_ISDIR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            elif stat.S_ISDIR(st.mode) or stat.S_ISBLK(st.mode):
                 name = entry
             else:
                 continue
-            if not image_name_is_valid(name) or name in found:
+            if name in found or not image_name_is_valid(name):
                 continue
             try:
-                image = inspect(search, d, name, path, st)
+                image = inspect(d, name, path, st)
             except FileNotFoundError:
                 continue
             if image is not None:
@@ -335,7 +348,7 @@ def _clone_raw(image: Image, tmp: str, read_only: bool) -> None:
         os.close(fd)
     _cp("--reflink=auto", "--sparse=always", image.path, tmp)
     with contextlib.suppress(OSError):
-        os.setxattr(tmp, CRTIME_XATTR, struct.pack("<Q", image.crtime or _crtime(image.path)))
+        os.setxattr(tmp, CRTIME_XATTR, struct.pack("<Q", image.crtime))
     os.chmod(tmp, 0o444 if read_only else 0o644)
 
 
