@@ -25,7 +25,7 @@ from ..core.images import (
     clean_mode,
     image_object_path,
 )
-from ..linux import imagefs
+from ..linux import imagecache, imagefs
 from .auth import MANAGE_IMAGES, MANAGE_MACHINES, Authority
 from .objects import Call, Dispatcher, Interface, Method, Property
 
@@ -46,6 +46,8 @@ class ImageHandlers:
         self._cache_clear_scheduled = False
         self._exported: set[str] = set()
         self.operations = 0
+        # between ListImages calls, only what the kernel reports as changed is looked at again
+        self._scan_cache = imagecache.ScanCache() if dispatcher is not None else None
 
     # ------------------------------------------------------------- lookups
     def _remember(self, name: str, image: Image | None) -> None:
@@ -96,7 +98,7 @@ class ImageHandlers:
 
     def scan(self) -> dict[str, Image]:
         """Discover every image and keep the exported objects in step with what is there."""
-        found = imagefs.discover(self.search)
+        found = imagefs.discover(self.search, self._scan_cache)
         self._forget()
         for name, image in found.items():
             self._remember(name, image)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import stat
 import struct
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -31,6 +32,7 @@ from ..core.images import (
 from ..core.names import image_name_is_valid
 from . import btrfs, dissect
 from . import fs as lfs
+from .imagecache import ScanCache
 from .imagelock import name_lock, path_lock
 
 CRTIME_XATTR = "user.crtime_usec"
@@ -61,7 +63,8 @@ class _Dir:
     def __init__(self, search: SearchPath, path: str) -> None:
         self.path = path
         self.vendor = search.is_vendor_dir(path)
-        self.dev = os.stat(path).st_dev
+        st = os.stat(path)
+        self.dev, self.ino = st.st_dev, st.st_ino
         self.read_only = lfs.mount_read_only(path)
 
     def read_only_mount(self, path: str, st: lfs.Statx) -> bool:
@@ -147,36 +150,48 @@ def find(search: SearchPath, name: str) -> Image | None:
     return host_image() if name == HOST_IMAGE else None
 
 
-def discover(search: SearchPath) -> dict[str, Image]:
-    """Every image on the search path, earlier directories first (§10.3), plus `.host`."""
+def _entry_image(d: _Dir, entry: str) -> Image | None:
+    """The image a directory entry is, if any (§10.3)."""
+    path = f"{d.path}/{entry}"
+    try:
+        st = lfs.statx(path)
+    except OSError:
+        return None
+    if stat.S_ISREG(st.mode):
+        if not entry.endswith(".raw"):
+            return None
+        name = entry[:-4]
+    elif stat.S_ISDIR(st.mode) or stat.S_ISBLK(st.mode):
+        name = entry
+    else:
+        return None
+    if not image_name_is_valid(name):
+        return None
+    try:
+        return inspect(d, name, path, st)
+    except FileNotFoundError:
+        return None
+
+
+def discover(search: SearchPath, cache: ScanCache | None = None) -> dict[str, Image]:
+    """Every image on the search path, earlier directories first (§10.3), plus `.host`.
+    With a cache, an entry whose stat() did not change since the last scan is not looked at
+    again."""
     found: dict[str, Image] = {}
-    for d in _dirs(search):
-        try:
-            entries = os.listdir(d.path)
-        except OSError:
-            continue
-        for entry in entries:
-            path = f"{d.path}/{entry}"
+    with cache.lock if cache else contextlib.nullcontext():
+        for d in _dirs(search):
             try:
-                st = lfs.statx(path)
+                if cache is None:
+                    images: Iterable[Image | None] = (
+                        _entry_image(d, e) for e in os.listdir(d.path))
+                else:
+                    images = cache.images(d.path, (d.dev, d.ino, d.read_only),
+                                          functools.partial(_entry_image, d))
+                for image in images:
+                    if image is not None and image.name not in found:
+                        found[image.name] = image
             except OSError:
                 continue
-            if stat.S_ISREG(st.mode):
-                if not entry.endswith(".raw"):
-                    continue
-                name = entry[:-4]
-            elif stat.S_ISDIR(st.mode) or stat.S_ISBLK(st.mode):
-                name = entry
-            else:
-                continue
-            if name in found or not image_name_is_valid(name):
-                continue
-            try:
-                image = inspect(d, name, path, st)
-            except FileNotFoundError:
-                continue
-            if image is not None:
-                found[name] = image
     if HOST_IMAGE not in found:
         found[HOST_IMAGE] = host_image()
     return found

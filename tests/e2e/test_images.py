@@ -127,6 +127,38 @@ def test_discovery_types_precedence_and_flags(imaged: Machined, bus: BusDaemon,
     assert "/org/freedesktop/machine1/image/_2ehost" in tree
 
 
+def test_listing_sees_changes_made_behind_the_daemons_back(imaged: Machined, bus: BusDaemon,
+                                                           pool: Pool) -> None:
+    """ListImages keeps what it found between calls; every change must still show at once."""
+    tiny = pool.directory("tiny")
+    pool.directory("gone")
+    raw = pool.bare_raw("disk")
+    elsewhere = pool.directory("elsewhere", where=pool.root)
+    (pool.pool / "link").symlink_to(elsewhere)
+    before = images(bus)
+    assert {"tiny", "gone", "disk", "link"} <= set(before)
+    run("chattr", "+i", str(tiny))
+    os.chmod(raw, 0o444)
+    with open(raw, "r+b") as f:
+        f.seek(8 << 20)
+        f.write(os.urandom(1 << 20))
+    run("rm", "-r", str(pool.pool / "gone"))
+    pool.directory("new")
+    os.rename(pool.pool / "disk.raw", pool.pool / "moved.raw")
+    os.setxattr(pool.pool / "new", "user.crtime_usec", struct.pack("<Q", 1000))
+    run("chattr", "+i", str(elsewhere))
+    after = images(bus)
+    assert after["tiny"][2] is True
+    assert "gone" not in after and "disk" not in after
+    assert after["moved"][2] is True and after["moved"][5] > before["disk"][5]
+    assert after["new"][3] == 1000
+    assert after["link"][2] is True
+    run("mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(pool.pool / "new"))
+    pool.mounts.append(pool.pool / "new")
+    assert images(bus)["new"][2] is True
+    run("chattr", "-i", str(tiny), str(elsewhere))
+
+
 def test_show_image_and_metadata_of_every_type(imaged: Machined, bus: BusDaemon,
                                                pool: Pool) -> None:
     pool.directory("tiny", machine_id="0123456789abcdef0123456789abcdef")

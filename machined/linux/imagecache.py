@@ -1,0 +1,60 @@
+"""What a discovery scan found, kept between scans and reused for an entry only while one
+stat() of it says nothing changed: the same inode on the same device with the same ctime,
+mtime, size, blocks and mode. Every change ListImages shows moves one of these (chattr, chmod,
+xattrs and renames move the ctime; writes the mtime and size; a mount over the entry the device
+and inode), so a listing never shows stale data, while a scan costs one listdir() per search
+directory and one stat() per entry instead of the several calls that finding out what an entry
+is takes.
+
+Subvolumes (their quota changes without touching the inode) and block devices (BLKROSET) are
+looked at afresh every time."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+from ..core.images import Image, ImageType
+
+StatKey = tuple[int, int, int, int, int, int, int]
+Inspect = Callable[[str], Image | None]
+
+
+def _key(st: os.stat_result) -> StatKey:
+    return (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size, st.st_blocks,
+            st.st_mode)
+
+
+class ScanCache:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        # search directory -> its identity and read-only state -> entry -> (stat key, image)
+        self._dirs: dict[str, tuple[object, dict[str, tuple[StatKey, Image | None]]]] = {}
+
+    def images(self, path: str, dir_key: object, inspect: Inspect) -> list[Image]:
+        """The images of one search directory. Call with `lock` held."""
+        known_key, known = self._dirs.get(path, (None, {}))
+        if known_key != dir_key:
+            known = {}
+        fresh: dict[str, tuple[StatKey, Image | None]] = {}
+        out = []
+        for entry in os.listdir(path):
+            try:
+                key = _key(os.stat(f"{path}/{entry}"))
+            except OSError:
+                continue
+            cached = known.get(entry)
+            if cached is not None and cached[0] == key and not _volatile(cached[1]):
+                image = cached[1]
+            else:
+                image = inspect(entry)
+            fresh[entry] = (key, image)
+            if image is not None:
+                out.append(image)
+        self._dirs[path] = (dir_key, fresh)
+        return out
+
+
+def _volatile(image: Image | None) -> bool:
+    return image is not None and image.type in (ImageType.SUBVOLUME, ImageType.BLOCK)
