@@ -29,32 +29,39 @@ def _key(st: os.stat_result) -> StatKey:
 class ScanCache:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        # search directory -> its identity and read-only state -> entry -> (stat key, image)
-        self._dirs: dict[str, tuple[object, dict[str, tuple[StatKey, Image | None]]]] = {}
+        # search directory -> (its identity and read-only state, entry -> (stat key, image,
+        # look again next time))
+        self._dirs: dict[str, tuple[object, dict[str, tuple[StatKey, Image | None, bool]]]] = {}
 
     def images(self, path: str, dir_key: object, inspect: Inspect) -> list[Image]:
         """The images of one search directory. Call with `lock` held."""
         known_key, known = self._dirs.get(path, (None, {}))
         if known_key != dir_key:
             known = {}
-        fresh: dict[str, tuple[StatKey, Image | None]] = {}
+        fresh: dict[str, tuple[StatKey, Image | None, bool]] = {}
         out = []
-        for entry in os.listdir(path):
-            try:
-                key = _key(os.stat(f"{path}/{entry}"))
-            except OSError:
-                continue
-            cached = known.get(entry)
-            if cached is not None and cached[0] == key and not _volatile(cached[1]):
-                image = cached[1]
-            else:
-                image = inspect(entry)
-            fresh[entry] = (key, image)
-            if image is not None:
-                out.append(image)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for entry in os.listdir(fd):
+                try:
+                    key = _key(os.stat(entry, dir_fd=fd))  # one path component to resolve
+                except OSError:
+                    continue
+                cached = known.get(entry)
+                if cached is not None and cached[0] == key and not cached[2]:
+                    image = cached[1]
+                    fresh[entry] = cached
+                else:
+                    image = inspect(entry)
+                    volatile = image is not None and image.type in _VOLATILE
+                    fresh[entry] = (key, image, volatile)
+                if image is not None:
+                    out.append(image)
+        finally:
+            os.close(fd)
         self._dirs[path] = (dir_key, fresh)
         return out
 
 
-def _volatile(image: Image | None) -> bool:
-    return image is not None and image.type in (ImageType.SUBVOLUME, ImageType.BLOCK)
+# Their quota changes without touching the inode; BLKROSET neither.
+_VOLATILE = frozenset({ImageType.SUBVOLUME, ImageType.BLOCK})
