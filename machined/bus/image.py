@@ -19,6 +19,7 @@ from ..core.errors import ErrnoError, LimitsExceeded, NoSuchImage
 from ..core.images import (
     IMAGE_PATH_PREFIX,
     Image,
+    ImageType,
     SearchPath,
     check_image_name,
     check_limit,
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_IFACE = "org.freedesktop.machine1.Image"
 MAX_OPERATIONS = 64
+_TYPE_NAMES = {t: t.value for t in ImageType}
 T = TypeVar("T")
 
 
@@ -52,7 +54,10 @@ class ImageHandlers:
     # ------------------------------------------------------------- lookups
     def _remember(self, name: str, image: Image | None) -> None:
         self._cache[name] = image
-        if not self._cache_clear_scheduled:
+        self._forget_soon()
+
+    def _forget_soon(self) -> None:
+        if not self._cache_clear_scheduled:  # once per loop iteration
             try:
                 asyncio.get_running_loop().call_soon(self._forget)
                 self._cache_clear_scheduled = True
@@ -99,9 +104,9 @@ class ImageHandlers:
     def scan(self) -> dict[str, Image]:
         """Discover every image and keep the exported objects in step with what is there."""
         found = imagefs.discover(self.search, self._scan_cache)
-        self._forget()
-        for name, image in found.items():
-            self._remember(name, image)
+        self._cache = dict(found)  # the lookups of this loop iteration see the same
+        self._forget_soon()
+        for name in found.keys() - self._exported:
             self.export(name)
         for name in self._exported - found.keys():
             self.unexport(name)
@@ -109,8 +114,8 @@ class ImageHandlers:
 
     # ------------------------------------------------------------- Manager
     def list_images(self, call: Call) -> list[tuple[str, str, bool, int, int, int, str]]:
-        return [(i.name, i.type.value, i.read_only, i.crtime, i.mtime, i.usage, i.object_path)
-                for i in self.scan().values()]
+        return [(i.name, _TYPE_NAMES[i.type], i.read_only, i.crtime, i.mtime, i.usage,
+                 image_object_path(i.name)) for i in self.scan().values()]
 
     def get_image(self, call: Call, name: str) -> str:
         image = self.lookup(name)  # no name check: an invalid name is just not found

@@ -21,11 +21,6 @@ StatKey = tuple[int, int, int, int, int, int, int]
 Inspect = Callable[[str], Image | None]
 
 
-def _key(st: os.stat_result) -> StatKey:
-    return (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size, st.st_blocks,
-            st.st_mode)
-
-
 class ScanCache:
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -44,7 +39,9 @@ class ScanCache:
         try:
             for entry in os.listdir(fd):
                 try:
-                    key = _key(os.stat(entry, dir_fd=fd))  # one path component to resolve
+                    st = os.stat(entry, dir_fd=fd)  # one path component to resolve
+                    key = (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size,
+                           st.st_blocks, st.st_mode)
                 except OSError:
                     continue
                 cached = known.get(entry)
