@@ -101,6 +101,9 @@ class ImageHandlers:
             self.dispatcher.unexport(image_object_path(name), IMAGE_IFACE)
             self._exported.discard(name)
 
+    def unexport_soon(self, name: str) -> None:
+        asyncio.get_running_loop().call_soon(self.unexport, name)
+
     def scan(self) -> dict[str, Image]:
         """Discover every image and keep the exported objects in step with what is there."""
         found = imagefs.discover(self.search, self._scan_cache)
@@ -222,12 +225,25 @@ class ImageHandlers:
 def image_interface(name: str, h: ImageHandlers | None) -> Interface:
     """The Image interface of the image called `name` (h None: for --bus-introspect)."""
 
+    last = [Image(name, "", ImageType.DIRECTORY, False)]
+
     def image() -> Image:
         assert h is not None
-        return h.current(name)
+        last[0] = h.current(name)
+        return last[0]
+
+    def shown() -> Image:
+        """For property reads, which cannot fail in sdbus without a traceback: an image that
+        vanished behind our back shows its last state once, and its object goes."""
+        assert h is not None
+        try:
+            return image()
+        except NoSuchImage:
+            h.unexport_soon(name)
+            return last[0]
 
     def prop(pname: str, sig: str, getter: Callable[[Image], Any]) -> Property:
-        return Property(pname, sig, lambda: getter(image()))
+        return Property(pname, sig, lambda: getter(shown()))
 
     def method(mname: str, in_sig: str, out_sig: str, action: Callable[..., Any]) -> Method:
         return Method(mname, in_sig, (), out_sig, (),

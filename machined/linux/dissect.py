@@ -122,7 +122,7 @@ def read_metadata(path: str) -> Metadata:
     proc = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "--",
          sys.executable, "-m", "machined.linux.dissect", path, *args],
-        capture_output=True, text=True, check=False, cwd="/")
+        capture_output=True, text=True, check=False, cwd="/", env=_child_env())
     try:
         data = json.loads(proc.stdout)
     except ValueError:
@@ -132,6 +132,13 @@ def read_metadata(path: str) -> Metadata:
     return Metadata(data["hostname"], bytes.fromhex(data["machine_id"]),
                     tuple(map(tuple, data["machine_info"])),
                     tuple(map(tuple, data["os_release"])))
+
+
+def _child_env() -> dict[str, str]:
+    """Make this package importable in the child however the daemon was started."""
+    top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{top}:{path}" if path else top}
 
 
 def _tool(*args: str) -> str:

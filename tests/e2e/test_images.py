@@ -147,6 +147,10 @@ def test_listing_sees_changes_made_behind_the_daemons_back(imaged: Machined, bus
     os.rename(pool.pool / "disk.raw", pool.pool / "moved.raw")
     os.setxattr(pool.pool / "new", "user.crtime_usec", struct.pack("<Q", 1000))
     run("chattr", "+i", str(elsewhere))
+    gone = "/org/freedesktop/machine1/image/gone"
+    busctl(bus, "get-property", DEST, gone, IMAGE, "Name", check=False)
+    vanished = busctl(bus, "get-property", DEST, gone, IMAGE, "Name", check=False)
+    assert f"Unknown object '{gone}'." in vanished.stderr
     after = images(bus)
     assert after["tiny"][2] is True
     assert "gone" not in after and "disk" not in after
