@@ -197,7 +197,7 @@ def main() -> int:
               for (kind, what), vals in results.items()]
     text = "\n".join([
         SECTION, "",
-        f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC with "
+        f"Run {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC with "
         f"`bench/bench_images.py` on {br.machine_info()}.",
         "Both daemons see the same pool bind-mounted over /var/lib/machines in their own mount "
         "namespace, each on its own private bus; ListImages is called by one sdbus client for "

@@ -501,3 +501,15 @@ def test_clone_failure_leaves_nothing_visible(imaged: Machined, bus: BusDaemon,
         "System.Error.ENOSPC: No space left on device"
     assert [p.name for p in pool.pool.iterdir()] == ["src"]
     assert "dst" not in images(bus)
+
+
+def test_image_objects_introspect_as_252(imaged: Machined, bus: BusDaemon, pool: Pool) -> None:
+    from tests.bus.test_introspection import DATA, live_xml, members
+
+    pool.directory("tiny")
+    path = call(bus, "GetImage", "s", "tiny")[0]
+    for p in (path, "/org/freedesktop/machine1/image/_2ehost"):
+        ours = sorted(members(live_xml(bus, p), IMAGE))
+        assert ours == sorted(members((DATA / "image.xml").read_text(), IMAGE))
+    children = live_xml(bus, "/org/freedesktop/machine1/image")
+    assert '<node name="tiny"/>' in children and '<node name="_2ehost"/>' in children
