@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.bus.test_auth import polkit, polkit_allow  # noqa: F401  (fixture)
 from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.daemon import Machined, busctl, clean_state, have
 from tests.helpers.images import Pool, is_immutable, loop_devices_of, mounts_below, run
@@ -356,6 +357,11 @@ def test_raw_clone_rename_read_only_remove(imaged: Machined, bus: BusDaemon,
     assert stat.S_IMODE(raw.stat().st_mode) == 0o444
     machinectl(bus, "read-only", "disk", "false")
     assert stat.S_IMODE(raw.stat().st_mode) == 0o644
+    disk = call(bus, "GetImage", "s", "disk")[0]  # the Image object's own methods
+    call(bus, "MarkReadOnly", "b", "true", path=disk, iface=IMAGE)
+    assert stat.S_IMODE(raw.stat().st_mode) == 0o444
+    call(bus, "MarkReadOnly", "b", "false", path=disk, iface=IMAGE)
+    assert call(bus, "GetHostname", path=disk, iface=IMAGE) == ["diskhost"]
     machinectl(bus, "rename", "disk", "renamed")
     assert (pool.pool / "renamed.raw").exists() and (pool.pool / "renamed.nspawn").exists()
     assert call(bus, "GetImageHostname", "s", "renamed") == ["diskhost"]
@@ -513,3 +519,25 @@ def test_image_objects_introspect_as_252(imaged: Machined, bus: BusDaemon, pool:
         assert ours == sorted(members((DATA / "image.xml").read_text(), IMAGE))
     children = live_xml(bus, "/org/freedesktop/machine1/image")
     assert '<node name="tiny"/>' in children and '<node name="_2ehost"/>' in children
+
+
+def test_polkit_decides_image_changes(polkit: BusDaemon, pool: Pool) -> None:  # noqa: F811
+    bus = polkit
+    pool.directory("tiny")
+    clean_state()
+    d = Machined(bus, "--scope-backend=cgroupfs", f"--image-root={pool.root}")
+    try:
+        out = busctl(bus, "call", DEST, MANAGER_PATH, MANAGER, "RenameImage", "ss", "tiny", "new",
+                     user="nobody", check=False)
+        assert out.stderr.strip() == "Call failed: Access denied"
+        polkit_allow(bus, "org.freedesktop.machine1.manage-images")
+        busctl(bus, "call", DEST, MANAGER_PATH, MANAGER, "RenameImage", "ss", "tiny", "new",
+               user="nobody")
+        assert (pool.pool / "new").is_dir()
+        calls = (bus.dir / "polkit.calls").read_text()
+        assert "org.freedesktop.machine1.manage-images" in calls
+        assert "rename" in calls and "new_name" in calls
+    finally:
+        d.stop()
+        clean_state()
+    assert not d.unexpected_errors()
