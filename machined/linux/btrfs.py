@@ -4,6 +4,7 @@ groups through btrfs-progs (`btrfs`), the tool every btrfs host has."""
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import fcntl
 import os
@@ -88,7 +89,21 @@ def create_subvolume(path: str) -> None:
 
 
 def snapshot(source: str, dest: str, read_only: bool) -> None:
-    _run("subvolume", "snapshot", *(["-r"] if read_only else []), source, dest)
+    """Snapshot a subvolume and, in place of the empty directories a snapshot leaves for them,
+    its nested subvolumes; read-only (the top only) once complete."""
+    _run("subvolume", "snapshot", source, dest)
+    for dirpath, dirnames, _files in os.walk(source):
+        for d in list(dirnames):
+            sub = os.path.join(dirpath, d)
+            st = os.lstat(sub)
+            if st.st_ino == SUBVOLUME_INODE and is_btrfs(sub):
+                dirnames.remove(d)  # the recursion takes care of what is inside
+                target = os.path.join(dest, os.path.relpath(sub, source))
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(target)
+                snapshot(sub, target, read_only=False)
+    if read_only:
+        set_subvolume_read_only(dest, True)
 
 
 @dataclass(frozen=True)

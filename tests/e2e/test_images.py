@@ -378,8 +378,11 @@ def test_btrfs_subvolumes(imaged: Machined, bus: BusDaemon, pool: Pool, quota: b
     found = images(bus)
     assert found["sub"][1:3] == ["subvolume", False]
 
+    (pool.pool / "sub/nested/file").write_text("inside")
     machinectl(bus, "clone", "sub", "snap")
     assert os.stat(pool.pool / "snap").st_ino == 256
+    assert os.stat(pool.pool / "snap/nested").st_ino == 256  # nested subvolumes come along
+    assert (pool.pool / "snap/nested/file").read_text() == "inside"
     assert call(bus, "GetImageHostname", "s", "snap") == ["tinyhost"]
     machinectl(bus, "read-only", "snap")
     assert "true" in run("btrfs", "property", "get", "-ts", str(pool.pool / "snap"), "ro")
