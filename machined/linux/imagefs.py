@@ -329,7 +329,10 @@ def rename(search: SearchPath, image: Image, new_name: str) -> None:
 def _cp(*args: str) -> None:
     out = subprocess.run(["cp", *args], capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        err = errno.ENOSPC if "No space" in out.stderr else errno.EIO
+        # cp reports strerror() texts: give the client the errno behind the first one known
+        err = next((code for code in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                                      errno.ENAMETOOLONG, errno.EROFS)
+                    if os.strerror(code) in out.stderr), errno.EIO)
         raise OSError(err, f"cp: {out.stderr.strip()}")
 
 
