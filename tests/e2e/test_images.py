@@ -449,6 +449,7 @@ def test_image_of_running_nspawn_cannot_be_removed(imaged: Machined, bus: BusDae
                                                    pool: Pool, busybox_tree: Path,
                                                    tmp_path: Path) -> None:
     run("cp", "-a", str(busybox_tree), str(pool.pool / "e2eimg"))
+    st = os.stat(pool.pool / "e2eimg")
     procs = Processes()
     try:
         ct = Nspawn(bus, procs, pool.pool / "e2eimg", "e2eimg",
@@ -460,6 +461,9 @@ def test_image_of_running_nspawn_cannot_be_removed(imaged: Machined, bus: BusDae
             "System.Error.EBUSY: Device or resource busy"
     finally:
         procs.cleanup()
+        # a killed nspawn cannot remove its lock file
+        (LOCKS / f"inode-{st.st_dev}:{st.st_ino}").unlink(missing_ok=True)
+        (pool.pool / ".#e2eimg.lck").unlink(missing_ok=True)
     assert (pool.pool / "e2eimg/bin/busybox").exists()
 
 
