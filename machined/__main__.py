@@ -48,14 +48,17 @@ def bus_introspect(target: str) -> int:
         for path, iface in INTROSPECT_LIST:
             print(f"{path}\t{iface}")
         return 0
+    from .bus.image import ImageHandlers, image_interface_template
     from .bus.introspect import node_xml
     from .bus.logcontrol import LogControl
     from .bus.machine import MachineHandlers, machine_interface
-    from .bus.manager import Manager, image_interface_template
+    from .bus.manager import Manager
+    from .core.images import SearchPath
 
     handlers = MachineHandlers(None, None)  # type: ignore[arg-type]
     interfaces = {
-        "/org/freedesktop/machine1": Manager(None, handlers).interface(),  # type: ignore[arg-type]
+        "/org/freedesktop/machine1": Manager(
+            None, handlers, ImageHandlers(SearchPath(), None, None)).interface(),  # type: ignore[arg-type]
         "/org/freedesktop/machine1/machine": machine_interface(handlers),
         "/org/freedesktop/machine1/image": image_interface_template(),
         "/org/freedesktop/LogControl1": LogControl().interface(),
@@ -95,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cgroupfs scopes: SIGKILL after this long when stopping (default 90)")
     p.add_argument("--state-dir", type=Path, default=Path("/run/systemd/machines"),
                    help=argparse.SUPPRESS)  # for benchmarks; sd-login only reads the default
+    p.add_argument("--image-root", default="", help=argparse.SUPPRESS)  # tests: prefix of the
+    # image search path (ROOT/var/lib/machines, ROOT/etc/machines, ...)
     return p.parse_args(argv)
 
 
@@ -111,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     from .daemon import Options, run
 
     options = Options(state_dir=args.state_dir, scope_backend=args.scope_backend,
-                      stop_timeout=args.stop_timeout, log_level=args.log_level)
+                      stop_timeout=args.stop_timeout, log_level=args.log_level,
+                      image_root=args.image_root.rstrip("/"))
     return asyncio.run(run(options))
 
 

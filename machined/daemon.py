@@ -13,11 +13,13 @@ from sdbus.sd_bus_internals import SdBus, SdBusRequestNameError, sd_bus_open_sys
 
 from .bus import client
 from .bus.auth import Authority
+from .bus.image import ImageHandlers
 from .bus.logcontrol import PATH as LOGCONTROL_PATH
 from .bus.logcontrol import LogControl
 from .bus.machine import MANAGER_PATH, MachineHandlers, MachineObjects
 from .bus.manager import Manager
 from .bus.objects import Dispatcher
+from .core.images import SearchPath
 from .core.ports import ScopeBackend
 from .core.registry import Registry
 from .core.statefile import StateDir
@@ -39,6 +41,7 @@ class Options:
     scope_backend: str = "auto"  # auto | systemd1 | cgroupfs
     stop_timeout: float = 90.0
     log_level: str = "info"
+    image_root: str = ""  # prefix of the image search path (tests, benchmarks)
 
 
 def host_machine_id() -> bytes:
@@ -94,7 +97,9 @@ async def run(options: Options) -> int:
     registry_ref.append(registry)
     handlers = MachineHandlers(registry, authority)
     objects.serve(registry, handlers)
-    dispatcher.export(MANAGER_PATH, Manager(registry, handlers).interface())
+    images = ImageHandlers(SearchPath(options.image_root), authority, dispatcher)
+    images.serve()
+    dispatcher.export(MANAGER_PATH, Manager(registry, handlers, images).interface())
     await dispatcher.watch_peers()
     log.info("Using the %s scope backend.", backend.name)
 
@@ -130,6 +135,7 @@ async def run(options: Options) -> int:
         await backend.close()
     watcher.close()
     objects.close()
+    images.close()
     with contextlib.suppress(Exception):
         bus.close()
     return 0

@@ -9,20 +9,19 @@ from ..core.machine import Machine
 from ..core.ports import ScopeProperties
 from ..core.registry import Registry
 from ..core.validate import machine_spec
+from .image import ImageHandlers
 from .machine import INSIDE_ISSUE, MANAGER_IFACE, MANAGER_SIGNALS, MachineHandlers
 from .objects import Call, Interface, Method, Property
 
-POOL_PATH = "/var/lib/machines"
-UINT64_MAX = 2**64 - 1
-IMAGE_ISSUE = "image pool"
-
 
 class Manager:
-    def __init__(self, registry: Registry, handlers: MachineHandlers) -> None:
+    def __init__(self, registry: Registry, handlers: MachineHandlers,
+                 images: ImageHandlers) -> None:
         self.registry = registry
         self.h = handlers
         self._listing: list[tuple[str, str, str, str]] = []
         self._listing_generation = -1
+        self.images = images
 
     def _machine(self, name: str) -> Machine:
         m = self.registry.get(name)
@@ -90,23 +89,22 @@ class Manager:
         def inside(member: str) -> Any:
             return pending(member, INSIDE_ISSUE)
 
-        def image(member: str) -> Any:
-            return pending(member, IMAGE_ISSUE)
-
+        images = self.images
+        image = images.redirect
         M = Method
         return Interface(
             MANAGER_IFACE,
             properties=[
-                Property("PoolPath", "s", lambda: POOL_PATH),
-                Property("PoolUsage", "t", lambda: UINT64_MAX),
-                Property("PoolLimit", "t", lambda: UINT64_MAX),
+                Property("PoolPath", "s", images.pool_path),
+                Property("PoolUsage", "t", images.pool_usage),
+                Property("PoolLimit", "t", images.pool_limit),
             ],
             methods=[
                 M("GetMachine", "s", ("name",), "o", ("machine",), self.get_machine),
-                M("GetImage", "s", ("name",), "o", ("image",), image("GetImage")),
+                M("GetImage", "s", ("name",), "o", ("image",), images.get_image),
                 M("GetMachineByPID", "u", ("pid",), "o", ("machine",), self.get_machine_by_pid),
                 M("ListMachines", "", (), "a(ssso)", ("machines",), self.list_machines),
-                M("ListImages", "", (), "a(ssbttto)", ("images",), image("ListImages")),
+                M("ListImages", "", (), "a(ssbttto)", ("images",), images.list_images),
                 M("CreateMachine", "sayssusa(sv)",
                   ("name", "id", "service", "class", "leader", "root_directory",
                    "scope_properties"), "o", ("path",),
@@ -150,22 +148,22 @@ class Manager:
                   inside("OpenMachineRootDirectory")),
                 M("GetMachineUIDShift", "s", ("name",), "u", ("shift",),
                   inside("GetMachineUIDShift")),
-                M("RemoveImage", "s", ("name",), "", (), image("RemoveImage")),
-                M("RenameImage", "ss", ("name", "new_name"), "", (), image("RenameImage")),
+                M("RemoveImage", "s", ("name",), "", (), image(images.remove)),
+                M("RenameImage", "ss", ("name", "new_name"), "", (), image(images.rename)),
                 M("CloneImage", "ssb", ("name", "new_name", "read_only"), "", (),
-                  image("CloneImage")),
+                  image(images.clone)),
                 M("MarkImageReadOnly", "sb", ("name", "read_only"), "", (),
-                  image("MarkImageReadOnly")),
+                  image(images.mark_read_only)),
                 M("GetImageHostname", "s", ("name",), "s", ("hostname",),
-                  image("GetImageHostname")),
-                M("GetImageMachineID", "s", ("name",), "ay", ("id",), image("GetImageMachineID")),
+                  image(images.get_hostname)),
+                M("GetImageMachineID", "s", ("name",), "ay", ("id",), image(images.get_machine_id)),
                 M("GetImageMachineInfo", "s", ("name",), "a{ss}", ("machine_info",),
-                  image("GetImageMachineInfo")),
+                  image(images.get_machine_info)),
                 M("GetImageOSRelease", "s", ("name",), "a{ss}", ("os_release",),
-                  image("GetImageOSRelease")),
-                M("SetPoolLimit", "t", ("size",), "", (), image("SetPoolLimit")),
-                M("SetImageLimit", "st", ("name", "size"), "", (), image("SetImageLimit")),
-                M("CleanPool", "s", ("mode",), "a(st)", ("images",), image("CleanPool")),
+                  image(images.get_os_release)),
+                M("SetPoolLimit", "t", ("size",), "", (), images.set_pool_limit),
+                M("SetImageLimit", "st", ("name", "size"), "", (), image(images.set_limit)),
+                M("CleanPool", "s", ("mode",), "a(st)", ("images",), images.clean_pool),
                 M("MapFromMachineUser", "su", ("name", "uid_inner"), "u", ("uid_outer",),
                   inside("MapFromMachineUser")),
                 M("MapToMachineUser", "u", ("uid_outer",), "sou",
@@ -177,36 +175,3 @@ class Manager:
             ],
             signals=MANAGER_SIGNALS,
         )
-
-
-IMAGE_IFACE = "org.freedesktop.machine1.Image"
-
-
-def image_interface_template() -> Interface:
-    """The Image interface (for --bus-introspect; no image objects are served yet)."""
-    def pending(*_args: Any) -> None:
-        raise not_implemented("Image objects", IMAGE_ISSUE)
-
-    def t(name: str) -> Property:
-        return Property(name, "t", lambda: UINT64_MAX)
-
-    return Interface(
-        IMAGE_IFACE,
-        properties=[
-            Property("Name", "s", lambda: ""), Property("Path", "s", lambda: ""),
-            Property("Type", "s", lambda: ""), Property("ReadOnly", "b", lambda: False),
-            t("CreationTimestamp"), t("ModificationTimestamp"), t("Usage"), t("Limit"),
-            t("UsageExclusive"), t("LimitExclusive"),
-        ],
-        methods=[
-            Method("Remove", "", (), "", (), pending),
-            Method("Rename", "s", (), "", (), pending),
-            Method("Clone", "sb", (), "", (), pending),
-            Method("MarkReadOnly", "b", (), "", (), pending),
-            Method("SetLimit", "t", (), "", (), pending),
-            Method("GetHostname", "", (), "s", (), pending),
-            Method("GetMachineID", "", (), "ay", (), pending),
-            Method("GetMachineInfo", "", (), "a{ss}", (), pending),
-            Method("GetOSRelease", "", (), "a{ss}", (), pending),
-        ],
-    )

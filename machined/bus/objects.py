@@ -241,7 +241,7 @@ class Dispatcher:
         reply = msg.create_reply()
         if len(method.out_names) > 1:
             reply.append_data(method.out_sig, *result)
-        elif method.out_names:
+        elif method.out_sig:  # one result (Image methods leave it unnamed, as 252 does)
             reply.append_data(method.out_sig, result)
         reply.send()
 

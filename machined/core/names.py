@@ -3,11 +3,13 @@ unit_name_escape, cescape, hidden/backup file names)."""
 
 from __future__ import annotations
 
+import re
 import string
 
 HOST_NAME_MAX = 64
 NAME_MAX = 255
 
+_NOT_IN_IMAGE_NAME = re.compile("[/\x00-\x1f\x7f]")
 _LABEL_CHARS = frozenset(string.ascii_letters + string.digits + "-")
 
 
@@ -32,9 +34,7 @@ def image_name_is_valid(name: str) -> bool:
         raw = name.encode("utf-8")
     except UnicodeEncodeError:
         return False
-    if len(raw) > NAME_MAX or "/" in name:
-        return False
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+    if len(raw) > NAME_MAX or _NOT_IN_IMAGE_NAME.search(name):
         return False
     return not name.startswith(".#")
 

@@ -33,8 +33,6 @@ class NotImplementedYet(Exception):
 # (strict: a pass means the marker must go).
 inside_pending = pytest.mark.xfail(raises=NotImplementedYet, strict=True,
                                    reason="working inside machines: not implemented yet")
-images_pending = pytest.mark.xfail(raises=NotImplementedYet, strict=True,
-                                   reason="image pool: not implemented yet")
 
 
 def done(out: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
@@ -260,13 +258,11 @@ def test_bind(vm: InstalledVM) -> None:
     assert vm.run("cat", f"/proc/{leader}/root/mnt/bound/marker").stdout == "bound\n"
 
 
-@images_pending
 def test_list_images(vm: InstalledVM) -> None:
     out = done(vm.machinectl("list-images", check=False))
     assert "tiny " in out.stdout
 
 
-@images_pending
 def test_clone_and_remove(vm: InstalledVM) -> None:
     done(vm.machinectl("clone", "tiny", "tinyclone", check=False))
     assert vm.path("/var/lib/machines/tinyclone/bin/busybox").exists()

@@ -1,0 +1,192 @@
+"""Metadata of raw and block images (spec §10.8): find the root (or /usr) partition of a GPT
+disk image, or take the whole image as one file system, and read it through a read-only loop
+device mounted in a private mount namespace of a child process. The loop device is attached
+with autoclear by mount(8): when the child's namespace goes away, so do the mount and the
+loop device, also when the child fails or is killed.
+
+Run as `python -m machined.linux.dissect IMAGE ROOT_OFFSET ROOT_SIZE USR_OFFSET USR_SIZE`
+(inside `unshare --mount`) it is that child: it prints the metadata as JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+
+from ..core.images import Metadata, parse_env_file, parse_hostname, parse_machine_id
+from . import fs as lfs
+
+GENERIC_LINUX = uuid.UUID("0fc63daf-8483-4772-8e79-3d69d8477de4")
+# Discoverable Partitions Specification: root and /usr types per architecture.
+ROOT_TYPES = {
+    "x86_64": uuid.UUID("4f68bce3-e8cd-4db1-96e7-fbcaf984b709"),
+    "aarch64": uuid.UUID("b921b045-1df0-41c3-af44-4c6f280d3fae"),
+    "i686": uuid.UUID("44479540-f297-41b2-9af7-d131d5f0458a"),
+}
+USR_TYPES = {
+    "x86_64": uuid.UUID("8484680c-9521-48c6-9c11-b0720656f69e"),
+    "aarch64": uuid.UUID("b0e01050-ee5f-4390-949a-9101b17104e9"),
+    "i686": uuid.UUID("75250d76-8cc6-458e-bd66-bd47cc81a812"),
+}
+
+
+@dataclass(frozen=True)
+class Partition:
+    offset: int
+    size: int
+
+
+def _partitions(f: object) -> list[tuple[uuid.UUID, Partition]] | None:
+    """GPT entries (type, extent), or None without a GPT."""
+    read = f.read  # type: ignore[attr-defined]
+    seek = f.seek  # type: ignore[attr-defined]
+    for sector in (512, 4096):
+        seek(sector)
+        header = read(92)
+        if len(header) < 92 or header[:8] != b"EFI PART":
+            continue
+        entries_lba = int.from_bytes(header[72:80], "little")
+        count = int.from_bytes(header[80:84], "little")
+        size = int.from_bytes(header[84:88], "little")
+        if not 128 <= size <= 4096 or count > 1024:
+            return []
+        seek(entries_lba * sector)
+        table = read(count * size)
+        out = []
+        for i in range(len(table) // size):
+            e = table[i * size:(i + 1) * size]
+            kind = uuid.UUID(bytes_le=e[:16])
+            if kind.int == 0:
+                continue
+            first = int.from_bytes(e[32:40], "little")
+            last = int.from_bytes(e[40:48], "little")
+            out.append((kind, Partition(first * sector, (last - first + 1) * sector)))
+        return out
+    return None
+
+
+def find_partitions(path: str) -> tuple[Partition | None, Partition | None]:
+    """(root, usr) as systemd-dissect's generic-root policy picks them: the architecture's root
+    partition, else a single generic Linux partition; or the whole image without a GPT."""
+    with open(path, "rb") as f:
+        parts = _partitions(f)
+        if parts is None:
+            f.seek(0, os.SEEK_END)
+            return Partition(0, f.tell()), None
+    arch = platform.machine()
+    root = next((p for t, p in parts if t == ROOT_TYPES.get(arch)), None)
+    usr = next((p for t, p in parts if t == USR_TYPES.get(arch)), None)
+    generic = [p for t, p in parts if t == GENERIC_LINUX]
+    if root is None and usr is None and len(generic) == 1:
+        root = generic[0]
+    if root is None and usr is None:
+        raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+    return root, usr
+
+
+def tree_metadata(root: str) -> Metadata:
+    """hostname, machine-id, machine-info and os-release of an image tree, symlinks resolved
+    inside it; every missing or broken item is left empty."""
+
+    def read(rel: str) -> str | None:
+        try:
+            return lfs.read_in_root(root, rel)
+        except (OSError, UnicodeError):
+            return None
+
+    hostname = read("/etc/hostname")
+    machine_id = read("/etc/machine-id")
+    info = read("/etc/machine-info")
+    osrel = read("/etc/os-release")
+    if osrel is None:
+        osrel = read("/usr/lib/os-release")
+    return Metadata(
+        parse_hostname(hostname) if hostname else "",
+        parse_machine_id(machine_id) if machine_id else b"",
+        tuple(parse_env_file(info)) if info else (),
+        tuple(parse_env_file(osrel)) if osrel else (),
+    )
+
+
+def read_metadata(path: str) -> Metadata:
+    """Blocking: dissect and mount `path` in a child, return what it found."""
+    root, usr = find_partitions(path)
+    args = [str(x) for p in (root, usr) for x in ((p.offset, p.size) if p else (-1, -1))]
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "--",
+         sys.executable, "-m", "machined.linux.dissect", path, *args],
+        capture_output=True, text=True, check=False, cwd="/", env=_child_env())
+    try:
+        data = json.loads(proc.stdout)
+    except ValueError:
+        raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
+    if "errno" in data:
+        raise OSError(data["errno"], os.strerror(data["errno"]))
+    return Metadata(data["hostname"], bytes.fromhex(data["machine_id"]),
+                    tuple(map(tuple, data["machine_info"])),
+                    tuple(map(tuple, data["os_release"])))
+
+
+def _child_env() -> dict[str, str]:
+    """Make this package importable in the child however the daemon was started."""
+    top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{top}:{path}" if path else top}
+
+
+def _tool(*args: str) -> str:
+    out = subprocess.run(args, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        code = errno.EUCLEAN if "wrong fs type" in out.stderr else errno.EIO
+        raise OSError(code, f"{args[0]}: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+def _mount(image: str, offset: int, size: int, where: str) -> None:
+    """A read-only loop device of its own (mount -o loop would share one another user attached
+    read-write), detached right after mounting: the kernel then frees it with the mount."""
+    dev = _tool("losetup", "--find", "--show", "--read-only", "--offset", str(offset),
+                "--sizelimit", str(size), image)
+    try:
+        _tool("mount", "-o", "ro", dev, where)
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
+
+
+def _child(argv: list[str]) -> int:
+    image, roff, rsize, uoff, usize = argv[0], *map(int, argv[1:5])
+    top = tempfile.mkdtemp(prefix="machined-image-")
+    mounted: list[str] = []
+    try:
+        if roff >= 0:
+            _mount(image, roff, rsize, top)
+            mounted.append(top)
+        if uoff >= 0:
+            usr = os.path.join(top, "usr")
+            os.makedirs(usr, exist_ok=True)
+            _mount(image, uoff, usize, usr)
+            mounted.append(usr)
+        md = tree_metadata(top)
+        print(json.dumps({"hostname": md.hostname, "machine_id": md.machine_id.hex(),
+                          "machine_info": md.machine_info, "os_release": md.os_release}))
+        return 0
+    except OSError as e:
+        print(json.dumps({"errno": e.errno or errno.EIO}))
+        return 1
+    finally:
+        for where in reversed(mounted):
+            subprocess.run(["umount", where], check=False, capture_output=True)
+        for leftover in (os.path.join(top, "usr"), top):
+            with contextlib.suppress(OSError):
+                os.rmdir(leftover)
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))

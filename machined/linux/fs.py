@@ -1,0 +1,196 @@
+"""File system calls Python 3.11 lacks: statx birth time, statfs type, inode flags
+(chattr), renameat2(RENAME_NOREPLACE), openat2(RESOLVE_IN_ROOT) and block-device ioctls."""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import errno
+import fcntl
+import os
+import struct
+import threading
+from functools import cache
+from typing import NamedTuple
+
+BTRFS_SUPER_MAGIC = 0x9123683E
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_IMMUTABLE_FL = 0x00000010
+FS_NOCOW_FL = 0x00800000
+BLKROGET = 0x125E
+BLKROSET = 0x125D
+BLKGETSIZE64 = 0x80081272
+RENAME_NOREPLACE = 1
+AT_FDCWD = -100
+_STATX_BTIME = 0x800
+_SYS_OPENAT2 = 437
+RESOLVE_IN_ROOT = 0x10
+
+
+@cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret: int, path: str = "") -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path or None)
+    return ret
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+
+
+def fs_type(path: str) -> int:
+    buf = _Statfs()
+    _check(_libc().statfs(os.fsencode(path), ctypes.byref(buf)), path)
+    return int(buf.f_type) & 0xFFFFFFFF
+
+
+def is_btrfs(path: str) -> bool:
+    try:
+        return fs_type(path) == BTRFS_SUPER_MAGIC
+    except OSError:
+        return False
+
+
+_STATX_BASIC = 0x7FF
+_STATX_ATTR_IMMUTABLE = 0x10
+# statx up to stx_dev_minor: mask, blksize, attributes, nlink, uid, gid, mode, ino, size,
+# blocks, attributes_mask, (atime), btime, (ctime), mtime, rdev, dev
+_STATX = struct.Struct("=IIQIIIH2xQQQQ16xqI4x16xqI4xIIII")
+_buffers = threading.local()
+
+
+class Statx(NamedTuple):
+    mode: int
+    ino: int
+    dev: int
+    rdev: int
+    size: int
+    blocks: int
+    mtime_usec: int
+    btime_usec: int  # 0: not recorded
+    immutable: bool | None  # None: the file system does not say
+
+
+def statx(path: str, follow: bool = True) -> Statx:
+    """One statx() call for what os.stat, the birth time and the immutable flag would take
+    several calls for."""
+    buf = getattr(_buffers, "statx", None)
+    if buf is None:
+        buf = _buffers.statx = ctypes.create_string_buffer(256)
+    flags = 0 if follow else 0x100  # AT_SYMLINK_NOFOLLOW
+    if _libc().statx(AT_FDCWD, path.encode(), flags, _STATX_BASIC | _STATX_BTIME, buf) < 0:
+        _check(-1, path)
+    (mask, _blksize, attrs, _nlink, _uid, _gid, mode, ino, size, blocks, attrs_mask,
+     bsec, bnsec, msec, mnsec, rdev_major, rdev_minor, dev_major,
+     dev_minor) = _STATX.unpack_from(buf)
+    btime = 0
+    if mask & _STATX_BTIME and (bsec > 0 or bnsec):
+        btime = bsec * 1_000_000 + bnsec // 1000
+    immutable = bool(attrs & _STATX_ATTR_IMMUTABLE) if attrs_mask & _STATX_ATTR_IMMUTABLE \
+        else None
+    return Statx(mode, ino, os.makedev(dev_major, dev_minor), os.makedev(rdev_major, rdev_minor),
+                 size, blocks, msec * 1_000_000 + mnsec // 1000, btime, immutable)
+
+
+def birth_time_usec(path: str, follow: bool = True) -> int:
+    """statx() birth time in µs, 0 if the file system does not record it."""
+    try:
+        return statx(path, follow).btime_usec
+    except OSError:
+        return 0
+
+
+def get_inode_flags(fd: int) -> int:
+    buf = array.array("l", [0])
+    fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
+    return int(buf[0])
+
+
+def set_inode_flag(fd: int, flag: int, on: bool) -> None:
+    flags = get_inode_flags(fd)
+    new = flags | flag if on else flags & ~flag
+    if new != flags:
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, array.array("l", [new]))
+
+
+def is_immutable(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        return bool(get_inode_flags(fd) & FS_IMMUTABLE_FL)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def set_immutable(path: str, on: bool) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        set_inode_flag(fd, FS_IMMUTABLE_FL, on)
+    finally:
+        os.close(fd)
+
+
+def rename_noreplace(old: str, new: str) -> None:
+    """renameat2(RENAME_NOREPLACE); EEXIST if the target exists."""
+    lib = _libc()
+    ret = lib.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new),
+                        RENAME_NOREPLACE)
+    if ret < 0 and ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS):
+        # A file system without RENAME_NOREPLACE: link + unlink keeps "never replace".
+        os.link(old, new)
+        os.unlink(old)
+        return
+    _check(ret, new)
+
+
+def open_in_root(root: str, relpath: str) -> int:
+    """Open `relpath` below `root` with every symlink resolved as if `root` were "/"."""
+    rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        how = struct.pack("QQQ", os.O_RDONLY | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT)
+        buf = ctypes.create_string_buffer(how, len(how))
+        fd = _libc().syscall(_SYS_OPENAT2, rootfd, os.fsencode(relpath.lstrip("/")), buf,
+                             ctypes.c_size_t(len(how)))
+        return _check(fd, relpath)
+    finally:
+        os.close(rootfd)
+
+
+def read_in_root(root: str, relpath: str, limit: int = 1 << 20) -> str:
+    fd = open_in_root(root, relpath)
+    with os.fdopen(fd, "rb") as f:
+        return f.read(limit).decode("utf-8", errors="replace")
+
+
+def block_size(fd: int) -> int:
+    buf = array.array("Q", [0])
+    fcntl.ioctl(fd, BLKGETSIZE64, buf, True)
+    return int(buf[0])
+
+
+def block_read_only(fd: int) -> bool:
+    buf = array.array("i", [0])
+    fcntl.ioctl(fd, BLKROGET, buf, True)
+    return bool(buf[0])
+
+
+def block_set_read_only(fd: int, on: bool) -> None:
+    fcntl.ioctl(fd, BLKROSET, array.array("i", [1 if on else 0]))
+
+
+def mount_read_only(path: str) -> bool:
+    """faccessat(W_OK) failing with EROFS: the image sits on a read-only mount."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
