@@ -62,28 +62,8 @@ class PoolDaemon(br.Daemon):
 
     pool: Path = Path()
 
-    def start(self) -> None:
-        self.log_path = self.bus.dir / f"{self.tag}.log"
-        script = (f'mount -t tmpfs -o mode=0755 tmpfs {br.STATE_DIR} && '
-                  f'mount -t tmpfs -o mode=0755 tmpfs {br.USERDB_DIR} && '
-                  f'mount --bind {self.pool} {POOL_MOUNT} && exec "$@"')
-        env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": self.bus.address,
-               "SYSTEMD_LOG_TARGET": "console"}
-        env.pop("NOTIFY_SOCKET", None)
-        env.pop("WATCHDOG_USEC", None)
-        with open(self.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(
-                ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
-                 *self.argv], cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=logf,
-                stderr=subprocess.STDOUT, start_new_session=True)
-        bus = br.connect(self.bus.address)
-        deadline = time.monotonic() + 30
-        while not br.name_has_owner(bus, br.DEST):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.tag} machined did not start:\n{self.log()}")
-            time.sleep(0.05)
-        with contextlib.suppress(Exception):
-            bus.close()
+    def mounts(self) -> list[str]:
+        return [*super().mounts(), f"mount --bind {self.pool} {POOL_MOUNT}"]
 
 
 def list_images_ms(address: str, duration: float) -> tuple[float, int]:

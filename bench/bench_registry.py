@@ -274,10 +274,14 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=Path)
 
+    def mounts(self) -> list[str]:
+        """Shell commands run in the daemon's mount namespace before it starts."""
+        return [f"mount -t tmpfs -o mode=0755 tmpfs {STATE_DIR}",
+                f"mount -t tmpfs -o mode=0755 tmpfs {USERDB_DIR}"]
+
     def start(self) -> None:
         self.log_path = self.bus.dir / f"{self.tag}.log"
-        script = (f'mount -t tmpfs -o mode=0755 tmpfs {STATE_DIR} && '
-                  f'mount -t tmpfs -o mode=0755 tmpfs {USERDB_DIR} && exec "$@"')
+        script = " && ".join([*self.mounts(), 'exec "$@"'])
         env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": self.bus.address,
                "SYSTEMD_LOG_TARGET": "console"}
         env.pop("NOTIFY_SOCKET", None)
