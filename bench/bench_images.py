@@ -189,14 +189,7 @@ def main() -> int:
         "Problems: " + ("; ".join(problems) if problems else "none"), ""])
     print(text)
     if not args.no_docs:
-        old = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-        if SECTION in old:
-            head, _, rest = old.partition(SECTION)
-            tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
-            old = head.rstrip() + "\n\n" + text + tail
-        else:
-            old = old.rstrip() + "\n\n" + text
-        DOCS.write_text(old.rstrip() + "\n")
+        br.replace_section(DOCS, SECTION, text)
     return 1 if problems else 0
 
 

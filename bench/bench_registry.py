@@ -51,6 +51,7 @@ STATE_DIR = Path("/run/systemd/machines")
 USERDB_DIR = Path("/run/systemd/userdb")  # 252's varlink socket; kept off the host as well
 REAL_MACHINED = "/lib/systemd/systemd-machined"
 DEFAULT_DOCS = REPO / "docs" / "benchmarks.md"
+SECTION = "## Machine registry: real systemd-machined 252 vs. ours"
 
 DEST = "org.freedesktop.machine1"
 OBJ = "/org/freedesktop/machine1"
@@ -645,9 +646,7 @@ def write_docs(path: Path, tbl: str, rounds: str, misses: list[str], problems: l
         if value != default:
             cmd += f" {opt} {value:g}"
     text = [
-        "# Benchmarks",
-        "",
-        "## Machine registry: real systemd-machined 252 vs. ours",
+        SECTION,
         "",
         f"- Date: {started.strftime('%Y-%m-%d %H:%M %Z').strip()}",
         f"- Machine: {socket.gethostname()}: {machine_info()}",
@@ -678,8 +677,21 @@ def write_docs(path: Path, tbl: str, rounds: str, misses: list[str], problems: l
         text += ["All targets met in this run.", ""]
     if problems:
         text += ["Problems seen during the run:", ""] + [f"- {p}" for p in problems] + [""]
+    replace_section(path, SECTION, "\n".join(text))
+
+
+def replace_section(path: Path, section: str, text: str) -> None:
+    """Put text (starting with the `## section` heading) in place of that section of the
+    markdown file, or append it; the other benchmarks' sections stay."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    if section in old:
+        head, _, rest = old.partition(section)
+        tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
+        new = head.rstrip() + "\n\n" + text.rstrip() + "\n" + tail
+    else:
+        new = old.rstrip() + "\n\n" + text
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(text))
+    path.write_text(new.rstrip() + "\n")
 
 
 def systemd_version() -> str:
