@@ -10,6 +10,7 @@ from ..core.machine import Machine
 from ..core.registry import Registry
 from ..core.validate import kill_args
 from .auth import MANAGE_MACHINES, Authority
+from .inside import InsideHandlers
 from .objects import CONST, FALSE, Call, Dispatcher, Interface, Method, Property, Signal
 
 MANAGER_PATH = "/org/freedesktop/machine1"
@@ -24,6 +25,7 @@ class MachineHandlers:
     def __init__(self, registry: Registry, authority: Authority) -> None:
         self.registry = registry
         self.authority = authority
+        self.inside = InsideHandlers(registry, authority)
 
     def _still_there(self, m: Machine) -> Machine:
         """After an await (polkit), the machine may have gone."""
@@ -59,7 +61,7 @@ def machine_interface(m: Machine, h: MachineHandlers) -> Interface:
              hidden: bool = False) -> Property:
         return Property(name, sig, getter, emits, hidden)
 
-    pending = MachineHandlers.pending
+    i = h.inside
     return Interface(
         MACHINE_IFACE,
         properties=[
@@ -82,24 +84,25 @@ def machine_interface(m: Machine, h: MachineHandlers) -> Interface:
             Method("Kill", "si", ("who", "signal"), "", (),
                    lambda c, who, sig: h.kill(c, m, who, sig)),
             Method("GetAddresses", "", (), "a(iay)", ("addresses",),
-                   pending("Machine.GetAddresses")),
-            Method("GetOSRelease", "", (), "a{ss}", ("fields",), pending("Machine.GetOSRelease")),
-            Method("GetUIDShift", "", (), "u", ("shift",), pending("Machine.GetUIDShift")),
-            Method("OpenPTY", "", (), "hs", ("pty", "pty_path"), pending("Machine.OpenPTY")),
-            Method("OpenLogin", "", (), "hs", ("pty", "pty_path"), pending("Machine.OpenLogin")),
+                   lambda c: i.get_addresses(c, m)),
+            Method("GetOSRelease", "", (), "a{ss}", ("fields",), lambda c: i.get_os_release(c, m)),
+            Method("GetUIDShift", "", (), "u", ("shift",), lambda c: i.get_uid_shift(c, m)),
+            Method("OpenPTY", "", (), "hs", ("pty", "pty_path"), lambda c: i.open_pty(c, m)),
+            Method("OpenLogin", "", (), "hs", ("pty", "pty_path"), lambda c: i.open_login(c, m)),
             Method("OpenShell", "ssasas", ("user", "path", "args", "environment"), "hs",
-                   ("pty", "pty_path"), pending("Machine.OpenShell")),
+                   ("pty", "pty_path"), lambda c, *a: i.open_shell(c, m, *a)),
             Method("BindMount", "ssbb", ("source", "destination", "read_only", "mkdir"), "", (),
-                   pending("Machine.BindMount")),
+                   lambda c, *a: i.bind_mount(c, m, *a)),
             Method("CopyFrom", "ss", ("source", "destination"), "", (),
-                   pending("Machine.CopyFrom")),
-            Method("CopyTo", "ss", ("source", "destination"), "", (), pending("Machine.CopyTo")),
+                   lambda c, s, d: i.copy(c, m, s, d, 0, False)),
+            Method("CopyTo", "ss", ("source", "destination"), "", (),
+                   lambda c, s, d: i.copy(c, m, s, d, 0, True)),
             Method("CopyFromWithFlags", "sst", ("source", "destination", "flags"), "", (),
-                   pending("Machine.CopyFromWithFlags")),
+                   lambda c, s, d, f: i.copy(c, m, s, d, f, False)),
             Method("CopyToWithFlags", "sst", ("source", "destination", "flags"), "", (),
-                   pending("Machine.CopyToWithFlags")),
+                   lambda c, s, d, f: i.copy(c, m, s, d, f, True)),
             Method("OpenRootDirectory", "", (), "h", ("fd",),
-                   pending("Machine.OpenRootDirectory")),
+                   lambda c: i.open_root_directory(c, m)),
         ],
     )
 
@@ -116,6 +119,7 @@ class MachineObjects:
 
     def machine_freed(self, m: Machine) -> None:
         self.dispatcher.unexport(m.path, MACHINE_IFACE)
+        self.handlers.inside.machine_gone(m)
 
     def machine_new(self, m: Machine) -> None:
         self.dispatcher.emit(MANAGER_PATH, MANAGER_IFACE, "MachineNew", "so", m.name, m.path)

@@ -9,7 +9,7 @@ from ..core.machine import Machine
 from ..core.ports import ScopeProperties
 from ..core.registry import Registry
 from ..core.validate import machine_spec
-from .machine import INSIDE_ISSUE, MANAGER_IFACE, MANAGER_SIGNALS, MachineHandlers
+from .machine import MANAGER_IFACE, MANAGER_SIGNALS, MachineHandlers
 from .objects import Call, Interface, Method, Property
 
 POOL_PATH = "/var/lib/machines"
@@ -71,6 +71,7 @@ class Manager:
     # ------------------------------------------------------------- the interface
     def interface(self) -> Interface:
         h = self.h
+        i = h.inside
 
         def redirect(action: Any) -> Any:
             return lambda c, name, *args: action(c, self._machine(name), *args)
@@ -80,9 +81,6 @@ class Manager:
                 raise not_implemented(what, issue)
 
             return handler
-
-        def inside(member: str) -> Any:
-            return pending(member, INSIDE_ISSUE)
 
         def image(member: str) -> Any:
             return pending(member, IMAGE_ISSUE)
@@ -120,30 +118,30 @@ class Manager:
                 M("TerminateMachine", "s", ("id",), "", (), redirect(h.terminate)),
                 M("KillMachine", "ssi", ("name", "who", "signal"), "", (), redirect(h.kill)),
                 M("GetMachineAddresses", "s", ("name",), "a(iay)", ("addresses",),
-                  inside("GetMachineAddresses")),
+                  redirect(i.get_addresses)),
                 M("GetMachineOSRelease", "s", ("name",), "a{ss}", ("fields",),
-                  inside("GetMachineOSRelease")),
+                  redirect(i.get_os_release)),
                 M("OpenMachinePTY", "s", ("name",), "hs", ("pty", "pty_path"),
-                  inside("OpenMachinePTY"), privileged=True),
+                  redirect(i.open_pty), privileged=True),
                 M("OpenMachineLogin", "s", ("name",), "hs", ("pty", "pty_path"),
-                  inside("OpenMachineLogin")),
+                  redirect(i.open_login)),
                 M("OpenMachineShell", "sssasas", ("name", "user", "path", "args", "environment"),
-                  "hs", ("pty", "pty_path"), inside("OpenMachineShell")),
+                  "hs", ("pty", "pty_path"), redirect(i.open_shell)),
                 M("BindMountMachine", "sssbb",
                   ("name", "source", "destination", "read_only", "mkdir"), "", (),
-                  inside("BindMountMachine")),
+                  redirect(i.bind_mount)),
                 M("CopyFromMachine", "sss", ("name", "source", "destination"), "", (),
-                  inside("CopyFromMachine")),
+                  redirect(lambda c, m, s, d: i.copy(c, m, s, d, 0, False))),
                 M("CopyToMachine", "sss", ("name", "source", "destination"), "", (),
-                  inside("CopyToMachine")),
+                  redirect(lambda c, m, s, d: i.copy(c, m, s, d, 0, True))),
                 M("CopyFromMachineWithFlags", "ssst", ("name", "source", "destination", "flags"),
-                  "", (), inside("CopyFromMachineWithFlags")),
+                  "", (), redirect(lambda c, m, s, d, f: i.copy(c, m, s, d, f, False))),
                 M("CopyToMachineWithFlags", "ssst", ("name", "source", "destination", "flags"),
-                  "", (), inside("CopyToMachineWithFlags")),
+                  "", (), redirect(lambda c, m, s, d, f: i.copy(c, m, s, d, f, True))),
                 M("OpenMachineRootDirectory", "s", ("name",), "h", ("fd",),
-                  inside("OpenMachineRootDirectory")),
+                  redirect(i.open_root_directory)),
                 M("GetMachineUIDShift", "s", ("name",), "u", ("shift",),
-                  inside("GetMachineUIDShift")),
+                  redirect(i.get_uid_shift)),
                 M("RemoveImage", "s", ("name",), "", (), image("RemoveImage")),
                 M("RenameImage", "ss", ("name", "new_name"), "", (), image("RenameImage")),
                 M("CloneImage", "ssb", ("name", "new_name", "read_only"), "", (),
@@ -161,13 +159,14 @@ class Manager:
                 M("SetImageLimit", "st", ("name", "size"), "", (), image("SetImageLimit")),
                 M("CleanPool", "s", ("mode",), "a(st)", ("images",), image("CleanPool")),
                 M("MapFromMachineUser", "su", ("name", "uid_inner"), "u", ("uid_outer",),
-                  inside("MapFromMachineUser")),
+                  i.manager_map("MapFromMachineUser")),
                 M("MapToMachineUser", "u", ("uid_outer",), "sou",
-                  ("machine_name", "machine_path", "uid_inner"), inside("MapToMachineUser")),
+                  ("machine_name", "machine_path", "uid_inner"), i.manager_map("MapToMachineUser")),
                 M("MapFromMachineGroup", "su", ("name", "gid_inner"), "u", ("gid_outer",),
-                  inside("MapFromMachineGroup")),
+                  i.manager_map("MapFromMachineGroup")),
                 M("MapToMachineGroup", "u", ("gid_outer",), "sou",
-                  ("machine_name", "machine_path", "gid_inner"), inside("MapToMachineGroup")),
+                  ("machine_name", "machine_path", "gid_inner"),
+                  i.manager_map("MapToMachineGroup")),
             ],
             signals=MANAGER_SIGNALS,
         )
