@@ -84,13 +84,13 @@ class InsideHandlers:
     # ---------------------------------------------------------------- facts (no authorization)
     async def get_addresses(self, call: Call, m: Machine) -> list[tuple[int, bytes]]:
         if self._is_host(m):
-            return facts.local_addresses()
+            return await facts.addresses(None)
         if not self._is_container(m):
             raise NotSupported(
                 "Requesting IP address data is only supported on container machines.")
         if ns.shares_namespace(m.leader, "net"):
             raise NoPrivateNetworking(m.name)
-        return await facts.container_addresses(m.leader)
+        return await facts.addresses(m.leader)
 
     async def get_os_release(self, call: Call, m: Machine) -> dict[str, str]:
         if self._is_host(m):
@@ -171,7 +171,7 @@ class InsideHandlers:
 
     async def _start(self, m: Machine, program: terminal.Program) -> tuple[int, str]:
         if self._is_host(m):
-            return await terminal.start_program(None, program, None, m.name)
+            return await terminal.start_program(None, program, [], m.name)
         if not self._is_container(m):
             raise ErrnoError(errno.EOPNOTSUPP)
         return await terminal.start_program(m.leader, program, _cgroup_procs(m.leader),
@@ -265,13 +265,10 @@ class InsideHandlers:
         return lambda call, outer: self.map_to_machine(kind, outer)
 
 
-def _cgroup_procs(leader: int) -> str | None:
-    """The cgroup.procs file of the leader's cgroup2 cgroup, where a shell belongs."""
-    mount = cgroups.cgroup2_mount()
-    if mount is None:
-        return None
+
+def _cgroup_procs(leader: int) -> list[str]:
+    """The cgroup.procs files of the leader's cgroups, where a shell belongs."""
     try:
-        path = cgroups.pid_cgroup(leader)
+        return cgroups.procs_files_of(leader)
     except ErrnoError:
-        return None
-    return os.path.join(mount + path, "cgroup.procs")
+        return []

@@ -44,15 +44,22 @@ def local_addresses() -> list[tuple[int, bytes]]:
     return out
 
 
-async def container_addresses(leader: int) -> list[tuple[int, bytes]]:
-    """Enter only the leader's network namespace and list the addresses there."""
-    with ns.Target.open(leader, ("net",), root=False) as target:
-        def work(sock: socket.socket) -> None:
-            target.enter()
-            for family, packed in local_addresses():
-                sock.send(struct.pack("=i", family) + packed)
+async def addresses(leader: int | None) -> list[tuple[int, bytes]]:
+    """In a child (pyroute2 wants an event loop of its own) that entered only the leader's
+    network namespace (none for the host), list the addresses there."""
+    target = ns.Target.open(leader, ("net",), root=False) if leader else None
 
+    def work(sock: socket.socket) -> None:
+        if target is not None:
+            target.enter()
+        for family, packed in local_addresses():
+            sock.send(struct.pack("=i", family) + packed)
+
+    try:
         result = await ns.run_child(work)
+    finally:
+        if target is not None:
+            target.close()
     if result.code != 0:
         raise Failed(CHILD_DIED)
     out = []

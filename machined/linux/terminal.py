@@ -121,16 +121,16 @@ def _environment(user: User, extra: list[str]) -> dict[str, str]:
     return env
 
 
-async def start_program(leader: int | None, program: Program, cgroup_procs: str | None,
+async def start_program(leader: int | None, program: Program, cgroup_procs: list[str],
                         machine: str) -> tuple[int, str]:
     """Allocate a PTY inside the machine (leader None: the host) and run program on it as a
     session leader with the PTY as controlling terminal, in all the machine's namespaces and in
-    the cgroup whose cgroup.procs is given. Returns (master fd, pty path)."""
+    the cgroups whose cgroup.procs files are given. Returns (master fd, pty path)."""
     target = ns.Target.open(leader, ns.ALL, root=True) if leader else None
 
     def work(sock: socket.socket) -> int:
-        if cgroup_procs:
-            with open(cgroup_procs, "w") as f:
+        for procs in cgroup_procs:
+            with open(procs, "w") as f:
                 f.write(str(os.getpid()))
         if target is not None:
             target.enter()
