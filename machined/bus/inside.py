@@ -84,19 +84,19 @@ class InsideHandlers:
     # ---------------------------------------------------------------- facts (no authorization)
     async def get_addresses(self, call: Call, m: Machine) -> list[tuple[int, bytes]]:
         if self._is_host(m):
-            return await facts.addresses(None)
+            return facts.addresses(None)
         if not self._is_container(m):
             raise NotSupported(
                 "Requesting IP address data is only supported on container machines.")
         if ns.shares_namespace(m.leader, "net"):
             raise NoPrivateNetworking(m.name)
-        return await facts.addresses(m.leader)
+        return facts.addresses(m.leader)
 
     async def get_os_release(self, call: Call, m: Machine) -> dict[str, str]:
         if self._is_host(m):
             raw = facts.host_os_release()
         elif self._is_container(m):
-            raw = await facts.container_os_release(m.leader)
+            raw = facts.container_os_release(m.leader)
         else:
             raise NotSupported(
                 "Requesting OS release data is only supported on container machines.")
