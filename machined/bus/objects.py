@@ -184,9 +184,9 @@ class Dispatcher:
 
     @staticmethod
     def _reply(msg: SdBusMessage, method: Method, result: Any) -> None:
-        if not msg.expect_reply:
-            return
         try:
+            if not msg.expect_reply:
+                return
             reply = msg.create_reply()
             if len(method.out_names) > 1:
                 reply.append_data(method.out_sig, *result)
