@@ -131,3 +131,19 @@ def test_nss_mymachines(bus: BusDaemon, ct: Nspawn, tmp_path: Path) -> None:
     lines = out.stdout.splitlines()
     assert lines[0].split() in ([ADDR6, ct.name], [ADDR4, ct.name]), out.stdout
     assert lines[1].split()[0] == ADDR4, out.stdout
+
+
+def test_shell_in_user_namespace(bus: BusDaemon, ct: Nspawn, tmp_path: Path) -> None:
+    from .inside_support import Tmux
+
+    script = "echo ID=$(id -u):$(id -g); cat /proc/self/uid_map; ls -ln /tmp/ready; echo END"
+    t = Tmux(bus, f"machinectl shell alice@{ct.name} /bin/sh -c '{script}'", tmp_path)
+    try:
+        t.wait("END")
+        t.wait_dead()
+        screen = t.screen()
+    finally:
+        t.close()
+    assert "ID=1000:1000" in screen, screen
+    assert f"0 {shift_of(ct)} 65536" in " ".join(screen.split()), screen
+    assert " 0 0 " in " ".join(screen.split()), screen  # root-owned file as root inside
