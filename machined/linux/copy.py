@@ -140,6 +140,7 @@ def fork_copy(leader: int, host_dir: int, host_name: str, container_path: str, t
     target = ns.Target.open(leader, ("mnt",), root=False)
 
     def work(sock: socket.socket) -> None:
+        ns.set_name("(sd-copy)")
         target.enter()  # the mount namespace only: paths resolve from the container's root
         cdir, cname = open_parent(container_path)
         if to_container:

@@ -35,6 +35,7 @@ NAMESPACES = {"user": CLONE_NEWUSER, "mnt": CLONE_NEWNS, "pid": CLONE_NEWPID,
 ALL = tuple(NAMESPACES)
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
@@ -164,6 +165,12 @@ def reset_child(die_with_parent: bool = True) -> None:
         signal.signal(signo, signal.SIG_DFL)
     if die_with_parent:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def set_name(name: str) -> None:
+    """The child's comm, as 252 names its workers ("(sd-copy)")."""
+    buf = ctypes.create_string_buffer(name.encode()[:15])
+    _libc.prctl(_PR_SET_NAME, ctypes.cast(buf, ctypes.c_void_p).value or 0, 0, 0, 0)
 
 
 def send(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> None:
