@@ -195,6 +195,12 @@ class InsideHandlers:
                                   f"namespace: {os.strerror(err)}") from None
 
     # ---------------------------------------------------------------- copies (operations)
+    def copy_machine(self, call: Call, name: str, source: str, destination: str, flags: int,
+                     to_container: bool) -> Any:
+        """The Manager's Copy*Machine*: the operation cap is checked before the lookup."""
+        self.operations.check_capacity("Too many ongoing copies.")
+        return self.copy(call, self._machine(name), source, destination, flags, to_container)
+
     async def copy(self, call: Call, m: Machine, source: str, destination: str, flags: int,
                    to_container: bool) -> None:
         self.operations.check_capacity("Too many ongoing copies.")

@@ -136,6 +136,10 @@ class Hierarchy:
                         return value.strip() == "1"
         except FileNotFoundError:
             return False
+        except OSError as e:
+            if e.errno == errno.ENODEV:  # removed between open() and read()
+                return False
+            raise
         return any(True for _ in self.pids(path))
 
     def _dirs_bottom_up(self, path: str) -> list[str]:

@@ -83,9 +83,10 @@ def module_daemon(workdir: Path) -> Iterator[tuple[BusDaemon, Machined]]:
     finally:
         d.stop()
         errors = d.unexpected_errors()
+        log = d.log
         clean_state()
         bus.stop()
-    assert not errors, "machined logged unexpected errors:\n" + "\n".join(errors)
+    assert not errors, "machined logged unexpected errors:\n" + log[-5000:]
 
 
 class Tmux:
@@ -110,8 +111,10 @@ class Tmux:
                        check=True, timeout=10)
 
     def wait(self, text: str, timeout: float = 15) -> str:
-        wait_for(lambda: text in self.screen(), timeout, 0.1, f"{text!r} on the terminal:\n"
-                 + self.screen())
+        try:
+            wait_for(lambda: text in self.screen(), timeout, 0.1)
+        except AssertionError:
+            raise AssertionError(f"no {text!r} on the terminal:\n{self.screen()}") from None
         return self.screen()
 
     def dead(self) -> bool:
@@ -121,7 +124,10 @@ class Tmux:
         return out.stdout.strip() == "1"
 
     def wait_dead(self, timeout: float = 15) -> None:
-        wait_for(self.dead, timeout, 0.1, "the terminal's command to exit:\n" + self.screen())
+        try:
+            wait_for(self.dead, timeout, 0.1)
+        except AssertionError:
+            raise AssertionError(f"the terminal's command still runs:\n{self.screen()}") from None
 
     def close(self) -> None:
         subprocess.run(["tmux", "-S", self.socket, "kill-server"], env=self.env,
