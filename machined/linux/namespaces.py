@@ -241,9 +241,9 @@ class ChildResult:
         self.fds = []
 
 
-async def collect(pid: int, sock: socket.socket) -> ChildResult:
-    """Read everything the child sends (until it closes its end) and reap it, without blocking
-    the event loop. If we are cancelled, the child is killed and reaped."""
+async def receive(pid: int, sock: socket.socket) -> tuple[list[bytes], list[int]]:
+    """Read everything child pid sends until it closes its end, without blocking the event
+    loop. If we are cancelled, the child is killed and reaped."""
     loop = asyncio.get_running_loop()
     messages: list[bytes] = []
     fds: list[int] = []
@@ -261,9 +261,8 @@ async def collect(pid: int, sock: socket.socket) -> ChildResult:
                     a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
                     fds.extend(a)
             if not msg and not anc:
-                break
+                return messages, fds
             messages.append(msg)
-        status = await reap(pid)
     except BaseException:
         kill_and_reap(pid)
         for fd in fds:
@@ -271,7 +270,30 @@ async def collect(pid: int, sock: socket.socket) -> ChildResult:
         raise
     finally:
         sock.close()
+
+
+async def collect(pid: int, sock: socket.socket) -> ChildResult:
+    """Everything the child sends, then its exit status. If we are cancelled, the child is
+    killed and reaped."""
+    messages, fds = await receive(pid, sock)
+    try:
+        status = await reap(pid)
+    except BaseException:
+        kill_and_reap(pid)
+        for fd in fds:
+            os.close(fd)
+        raise
     return ChildResult(status, messages, fds)
+
+
+_reapers: set[asyncio.Task[int]] = set()
+
+
+def reap_later(pid: int) -> None:
+    """Reap child pid whenever it exits (a child that outlives the call it served)."""
+    task = asyncio.get_running_loop().create_task(reap(pid))
+    _reapers.add(task)
+    task.add_done_callback(_reapers.discard)
 
 
 async def reap(pid: int) -> int:

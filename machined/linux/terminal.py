@@ -6,6 +6,7 @@ works in containers that run no systemd and no D-Bus."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -173,21 +174,31 @@ async def start_program(leader: int | None, program: Program, cgroup_procs: list
             finally:
                 os._exit(code)
         ns.send(sock, struct.pack("=I", number), [master])
+        os.close(master)
+        sock.close()
+        # Hold the slave open until the program ends: when the last slave fd goes at the very
+        # moment the program exits, the reader of the master may see EIO before the program's
+        # last output (systemd resets the TTY after a container-shell@ unit, to the same effect)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
         return 0
 
     try:
-        result = await ns.run_child(work)
+        pid, sock = ns.fork_child(work)
+        messages, fds = await ns.receive(pid, sock)
     finally:
         if target is not None:
             target.close()
+    if len(fds) == 1 and messages and len(messages[0]) == 4:
+        ns.reap_later(pid)  # the middle child stays as long as the program
+        (number,) = struct.unpack("=I", messages[0])
+        return fds[0], pty_path(number)
+    result = ns.ChildResult(await ns.reap(pid), messages, fds)
     if result.code == NO_USER:
         raise Failed(f"User '{program.user}' does not exist in machine '{machine}'.")
     if result.code == NO_PROGRAM:
         raise ErrnoError(errno.ENOENT, f"There is no {program.path} in machine {machine}.")
-    if result.code != 0 or len(result.fds) != 1:
-        result.close_fds()
-        err = result.errno
-        raise ErrnoError(err) if err else ErrnoError(errno.EIO)
-    (number,) = struct.unpack("=I", result.messages[0][:4])
-    return result.fds[0], pty_path(number)
+    result.close_fds()
+    err = result.errno
+    raise ErrnoError(err) if err else ErrnoError(errno.EIO)
 
