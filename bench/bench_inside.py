@@ -86,6 +86,8 @@ class Container:
             (self.cgroup / "cgroup.kill").write_text("1")
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
+        # nspawn removes its propagation directory only when it exits by itself
+        shutil.rmtree(f"/run/systemd/nspawn/propagate/{self.name}", ignore_errors=True)
         for dirpath, _dirs, _files in os.walk(self.cgroup, topdown=False):
             for _ in range(50):
                 try:

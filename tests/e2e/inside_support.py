@@ -20,6 +20,7 @@ from .support import Nspawn, Processes, cgroup_pids, scope_name
 
 # Not the e2e prefix: the per-test cleanup of conftest.py would kill our shared containers.
 PREFIX = "in4"
+PROPAGATE = Path("/run/systemd/nspawn/propagate")
 APPLETS = ("login", "id", "stat", "readlink", "ln", "mkdir", "rm", "env", "tty", "touch", "mv",
            "ls", "cat", "echo", "sleep", "ip", "test", "printf", "chown", "getty", "wc")
 
@@ -72,6 +73,8 @@ class Containers:
             for dirpath, _dirs, _files in os.walk(scope, topdown=False):
                 with contextlib.suppress(OSError):
                     os.rmdir(dirpath)
+            # nspawn removes its propagation directory only when it exits by itself
+            shutil.rmtree(PROPAGATE / ct.name, ignore_errors=True)
 
 
 def module_daemon(workdir: Path) -> Iterator[tuple[BusDaemon, Machined]]:
