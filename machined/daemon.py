@@ -130,6 +130,7 @@ async def run(options: Options) -> int:
     if watchdog is not None:
         watchdog.cancel()
     await dispatcher.drain()
+    handlers.inside.stop()
     await registry.shutdown()
     if isinstance(backend, CgroupfsBackend):
         await backend.close()

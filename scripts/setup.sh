@@ -12,7 +12,8 @@ PACKAGES=(dbus dbus-bin systemd-container busybox-static python3 python3-venv ut
           iproute2 btrfs-progs mount)
 # Test tools: dbus-python and PyGObject for python-dbusmock come from Debian (a venv with
 # --system-site-packages sees them), tmux/script to drive terminals, btrfs/e2fs for images.
-TEST_PACKAGES=(python3-dbus python3-gi tmux btrfs-progs e2fsprogs libsystemd0 debootstrap fdisk acl)
+TEST_PACKAGES=(python3-dbus python3-gi tmux btrfs-progs e2fsprogs libsystemd0 debootstrap fdisk acl
+               libnss-mymachines)
 [ $WITH_TESTS = 1 ] && PACKAGES+=("${TEST_PACKAGES[@]}")
 
 missing=()

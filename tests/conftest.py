@@ -51,7 +51,8 @@ def busybox_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not busybox.exists():
         pytest.skip("busybox-static is not installed")
     subprocess.run(["cp", str(busybox), str(root / "bin/busybox")], check=True)
-    for applet in ("sh", "cat", "echo", "hostname", "ip", "ls", "mount", "ps", "sleep", "true"):
+    for applet in ("sh", "cat", "echo", "hostname", "ip", "ls", "login", "mount", "ps", "sleep",
+                   "true"):
         (root / "bin" / applet).symlink_to("busybox")
     (root / "usr/lib/os-release").write_text(
         'ID=tiny\nNAME="Tiny"\nPRETTY_NAME="Tiny busybox OS"\nVERSION_ID=1\n')

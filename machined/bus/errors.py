@@ -46,6 +46,10 @@ _CLASS_TO_NAME: dict[type[E.MachinedError], str] = {
     E.MachineExists: MACHINE1 + "MachineExists",
     E.JobFailed: "org.freedesktop.systemd1.JobFailed",
     E.UnknownObject: DBUS + "UnknownObject",
+    E.Failed: DBUS + "Failed",
+    E.NoPrivateNetworking: MACHINE1 + "NoPrivateNetworking",
+    E.NoSuchUserMapping: MACHINE1 + "NoSuchUserMapping",
+    E.NoSuchGroupMapping: MACHINE1 + "NoSuchGroupMapping",
 }
 
 # The reverse: a remote error name -> errno, used where machined 252 drops the remote error

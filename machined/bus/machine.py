@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..core.errors import NoSuchMachine, not_implemented
+from ..core.errors import NoSuchMachine
 from ..core.machine import MACHINE_PATH_PREFIX, Machine
 from ..core.names import bus_label_unescape
 from ..core.registry import Registry
 from ..core.validate import kill_args
 from .auth import MANAGE_MACHINES, Authority
+from .inside import InsideHandlers
 from .objects import CONST, FALSE, Call, Dispatcher, Interface, Method, Property, Signal
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,6 @@ log = logging.getLogger(__name__)
 MANAGER_PATH = "/org/freedesktop/machine1"
 MANAGER_IFACE = "org.freedesktop.machine1.Manager"
 MACHINE_IFACE = "org.freedesktop.machine1.Machine"
-INSIDE_ISSUE = "working inside machines"
 
 
 class MachineHandlers:
@@ -28,6 +28,7 @@ class MachineHandlers:
     def __init__(self, registry: Registry, authority: Authority) -> None:
         self.registry = registry
         self.authority = authority
+        self.inside = InsideHandlers(registry, authority)
 
     def _still_there(self, m: Machine) -> Machine:
         """After an await (polkit), the machine may have gone."""
@@ -59,12 +60,7 @@ def machine_interface(h: MachineHandlers) -> Interface:
              hidden: bool = False) -> Property:
         return Property(name, sig, getter, emits, hidden)
 
-    def pending(what: str) -> Any:
-        def handler(call: Call, m: Machine, *args: Any) -> None:
-            raise not_implemented(what, INSIDE_ISSUE)
-
-        return handler
-
+    i = h.inside
     return Interface(
         MACHINE_IFACE,
         properties=[
@@ -86,24 +82,25 @@ def machine_interface(h: MachineHandlers) -> Interface:
             Method("Terminate", "", (), "", (), h.terminate),
             Method("Kill", "si", ("who", "signal"), "", (), h.kill),
             Method("GetAddresses", "", (), "a(iay)", ("addresses",),
-                   pending("Machine.GetAddresses")),
-            Method("GetOSRelease", "", (), "a{ss}", ("fields",), pending("Machine.GetOSRelease")),
-            Method("GetUIDShift", "", (), "u", ("shift",), pending("Machine.GetUIDShift")),
-            Method("OpenPTY", "", (), "hs", ("pty", "pty_path"), pending("Machine.OpenPTY")),
-            Method("OpenLogin", "", (), "hs", ("pty", "pty_path"), pending("Machine.OpenLogin")),
+                   i.get_addresses),
+            Method("GetOSRelease", "", (), "a{ss}", ("fields",), i.get_os_release),
+            Method("GetUIDShift", "", (), "u", ("shift",), i.get_uid_shift),
+            Method("OpenPTY", "", (), "hs", ("pty", "pty_path"), i.open_pty),
+            Method("OpenLogin", "", (), "hs", ("pty", "pty_path"), i.open_login),
             Method("OpenShell", "ssasas", ("user", "path", "args", "environment"), "hs",
-                   ("pty", "pty_path"), pending("Machine.OpenShell")),
+                   ("pty", "pty_path"), i.open_shell),
             Method("BindMount", "ssbb", ("source", "destination", "read_only", "mkdir"), "", (),
-                   pending("Machine.BindMount")),
+                   i.bind_mount),
             Method("CopyFrom", "ss", ("source", "destination"), "", (),
-                   pending("Machine.CopyFrom")),
-            Method("CopyTo", "ss", ("source", "destination"), "", (), pending("Machine.CopyTo")),
+                   lambda c, m, s, d: i.copy(c, m, s, d, 0, False)),
+            Method("CopyTo", "ss", ("source", "destination"), "", (),
+                   lambda c, m, s, d: i.copy(c, m, s, d, 0, True)),
             Method("CopyFromWithFlags", "sst", ("source", "destination", "flags"), "", (),
-                   pending("Machine.CopyFromWithFlags")),
+                   lambda c, m, s, d, f: i.copy(c, m, s, d, f, False)),
             Method("CopyToWithFlags", "sst", ("source", "destination", "flags"), "", (),
-                   pending("Machine.CopyToWithFlags")),
+                   lambda c, m, s, d, f: i.copy(c, m, s, d, f, True)),
             Method("OpenRootDirectory", "", (), "h", ("fd",),
-                   pending("Machine.OpenRootDirectory")),
+                   i.open_root_directory),
         ],
     )
 
@@ -115,9 +112,11 @@ class MachineObjects:
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
         self.registry: Registry | None = None
+        self.handlers: MachineHandlers | None = None
 
     def serve(self, registry: Registry, handlers: MachineHandlers) -> None:
         self.registry = registry
+        self.handlers = handlers
         self._fallback = self.dispatcher.export_fallback(
             MACHINE_PATH_PREFIX.rstrip("/"), machine_interface(handlers), self.find,
             lambda: [m.path for m in registry])
@@ -143,6 +142,10 @@ class MachineObjects:
             log.debug("Cannot get the credentials of %s: %s", sender, e)
             return None
         return self.registry.by_pid(pid) if pid > 0 else None
+
+    def machine_freed(self, m: Machine) -> None:
+        if self.handlers is not None:
+            self.handlers.inside.machine_gone(m)  # its copies and other operations end with it
 
     def close(self) -> None:
         self._fallback.close()

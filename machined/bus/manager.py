@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.errors import InvalidArgs, NoMachineForPID, NoSuchMachine, not_implemented
+from ..core.errors import InvalidArgs, NoMachineForPID, NoSuchMachine
 from ..core.machine import Machine
 from ..core.ports import ScopeProperties
 from ..core.registry import Registry
 from ..core.validate import machine_spec
 from .image import ImageHandlers
-from .machine import INSIDE_ISSUE, MANAGER_IFACE, MANAGER_SIGNALS, MachineHandlers
+from .machine import MANAGER_IFACE, MANAGER_SIGNALS, MachineHandlers
 from .objects import Call, Interface, Method, Property
 
 
@@ -76,18 +76,10 @@ class Manager:
     # ------------------------------------------------------------- the interface
     def interface(self) -> Interface:
         h = self.h
+        i = h.inside
 
         def redirect(action: Any) -> Any:
             return lambda c, name, *args: action(c, self._machine(name), *args)
-
-        def pending(what: str, issue: str) -> Any:
-            def handler(call: Call, *args: Any) -> None:
-                raise not_implemented(what, issue)
-
-            return handler
-
-        def inside(member: str) -> Any:
-            return pending(member, INSIDE_ISSUE)
 
         images = self.images
         image = images.redirect
@@ -124,30 +116,30 @@ class Manager:
                 M("TerminateMachine", "s", ("id",), "", (), redirect(h.terminate)),
                 M("KillMachine", "ssi", ("name", "who", "signal"), "", (), redirect(h.kill)),
                 M("GetMachineAddresses", "s", ("name",), "a(iay)", ("addresses",),
-                  inside("GetMachineAddresses")),
+                  redirect(i.get_addresses)),
                 M("GetMachineOSRelease", "s", ("name",), "a{ss}", ("fields",),
-                  inside("GetMachineOSRelease")),
+                  redirect(i.get_os_release)),
                 M("OpenMachinePTY", "s", ("name",), "hs", ("pty", "pty_path"),
-                  inside("OpenMachinePTY"), privileged=True),
+                  redirect(i.open_pty), privileged=True),
                 M("OpenMachineLogin", "s", ("name",), "hs", ("pty", "pty_path"),
-                  inside("OpenMachineLogin")),
+                  redirect(i.open_login)),
                 M("OpenMachineShell", "sssasas", ("name", "user", "path", "args", "environment"),
-                  "hs", ("pty", "pty_path"), inside("OpenMachineShell")),
+                  "hs", ("pty", "pty_path"), redirect(i.open_shell)),
                 M("BindMountMachine", "sssbb",
                   ("name", "source", "destination", "read_only", "mkdir"), "", (),
-                  inside("BindMountMachine")),
+                  redirect(i.bind_mount)),
                 M("CopyFromMachine", "sss", ("name", "source", "destination"), "", (),
-                  inside("CopyFromMachine")),
+                  lambda c, n, s, d: i.copy_machine(c, n, s, d, 0, False)),
                 M("CopyToMachine", "sss", ("name", "source", "destination"), "", (),
-                  inside("CopyToMachine")),
+                  lambda c, n, s, d: i.copy_machine(c, n, s, d, 0, True)),
                 M("CopyFromMachineWithFlags", "ssst", ("name", "source", "destination", "flags"),
-                  "", (), inside("CopyFromMachineWithFlags")),
+                  "", (), lambda c, n, s, d, f: i.copy_machine(c, n, s, d, f, False)),
                 M("CopyToMachineWithFlags", "ssst", ("name", "source", "destination", "flags"),
-                  "", (), inside("CopyToMachineWithFlags")),
+                  "", (), lambda c, n, s, d, f: i.copy_machine(c, n, s, d, f, True)),
                 M("OpenMachineRootDirectory", "s", ("name",), "h", ("fd",),
-                  inside("OpenMachineRootDirectory")),
+                  redirect(i.open_root_directory)),
                 M("GetMachineUIDShift", "s", ("name",), "u", ("shift",),
-                  inside("GetMachineUIDShift")),
+                  redirect(i.get_uid_shift)),
                 M("RemoveImage", "s", ("name",), "", (), image(images.remove)),
                 M("RenameImage", "ss", ("name", "new_name"), "", (), image(images.rename)),
                 M("CloneImage", "ssb", ("name", "new_name", "read_only"), "", (),
@@ -165,13 +157,14 @@ class Manager:
                 M("SetImageLimit", "st", ("name", "size"), "", (), image(images.set_limit)),
                 M("CleanPool", "s", ("mode",), "a(st)", ("images",), images.clean_pool),
                 M("MapFromMachineUser", "su", ("name", "uid_inner"), "u", ("uid_outer",),
-                  inside("MapFromMachineUser")),
+                  i.manager_map("MapFromMachineUser")),
                 M("MapToMachineUser", "u", ("uid_outer",), "sou",
-                  ("machine_name", "machine_path", "uid_inner"), inside("MapToMachineUser")),
+                  ("machine_name", "machine_path", "uid_inner"), i.manager_map("MapToMachineUser")),
                 M("MapFromMachineGroup", "su", ("name", "gid_inner"), "u", ("gid_outer",),
-                  inside("MapFromMachineGroup")),
+                  i.manager_map("MapFromMachineGroup")),
                 M("MapToMachineGroup", "u", ("gid_outer",), "sou",
-                  ("machine_name", "machine_path", "gid_inner"), inside("MapToMachineGroup")),
+                  ("machine_name", "machine_path", "gid_inner"),
+                  i.manager_map("MapToMachineGroup")),
             ],
             signals=MANAGER_SIGNALS,
         )

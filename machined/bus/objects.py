@@ -10,7 +10,9 @@ sd-bus itself answers "Access to ... not permitted." for non-root callers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -236,14 +238,19 @@ class Dispatcher:
 
     @staticmethod
     def _reply(msg: SdBusMessage, method: Method, result: Any) -> None:
-        if not msg.expect_reply:
-            return
-        reply = msg.create_reply()
-        if len(method.out_names) > 1:
-            reply.append_data(method.out_sig, *result)
-        elif method.out_sig:  # one result (Image methods leave it unnamed, as 252 does)
-            reply.append_data(method.out_sig, result)
-        reply.send()
+        try:
+            if not msg.expect_reply:
+                return
+            reply = msg.create_reply()
+            if len(method.out_names) > 1:
+                reply.append_data(method.out_sig, *result)
+            elif method.out_sig:  # one result (Image methods leave it unnamed, as 252 does)
+                reply.append_data(method.out_sig, result)
+            reply.send()
+        finally:
+            # sd-bus sends copies of the file descriptors of a reply ('h'): close ours
+            if "h" in method.out_sig:
+                _close_fds(method.out_sig, result)
 
     @staticmethod
     def _reply_error(msg: SdBusMessage, exc: BaseException) -> None:
@@ -258,6 +265,19 @@ class Dispatcher:
     async def drain(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+def _close_fds(signature: str, result: Any) -> None:
+    """Close the fds of a result whose top-level values of type 'h' are handlers' own fds."""
+    values = result if isinstance(result, tuple) else (result,)
+    for sig, value in zip(_top_level(signature), values, strict=False):
+        if sig == "h" and isinstance(value, int):
+            with contextlib.suppress(OSError):
+                os.close(value)
+
+
+def _top_level(signature: str) -> list[str]:
+    return list(signature) if all(c not in "a({" for c in signature) else []
 
 
 def _getter(prop: Property) -> Callable[[SdBusMessage], None]:

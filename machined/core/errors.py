@@ -92,6 +92,21 @@ class RemoteError(MachinedError):
         self.name = name
 
 
-def not_implemented(what: str, issue: str) -> NotSupported:
-    """The answer of a method whose capability has not landed yet."""
-    return NotSupported(f"{what} is not implemented yet in this machined ({issue}).")
+class Failed(MachinedError):
+    """org.freedesktop.DBus.Error.Failed with a message of machined's own."""
+
+
+class NoPrivateNetworking(MachinedError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Machine {name} does not use private networking")
+
+
+class NoSuchUserMapping(MachinedError):
+    pass
+
+
+class NoSuchGroupMapping(MachinedError):
+    pass
+
+
+CHILD_DIED = "Child died abnormally."

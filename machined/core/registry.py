@@ -335,6 +335,7 @@ class Registry:
         if self.machines.get(m.name) is m:
             del self.machines[m.name]
             self.generation += 1
+            self.listener.machine_freed(m)
 
     # ----------------------------------------------------------------- helpers
     def _add(self, m: Machine) -> None:

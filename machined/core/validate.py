@@ -79,3 +79,56 @@ def environment_is_valid(env: list[str]) -> bool:
             return False
         seen.add(name)
     return True
+
+
+# ---------------------------------------------------------------- working inside machines (§8)
+# The program OpenShell runs when no path is given: the user's login shell from the machine's
+# user database, else /bin/sh, as a login shell.
+SHELL_SCRIPT = ('shell=$(getent passwd "$1" 2>/dev/null | {{ IFS=: read _ _ _ _ _ _ x; '
+                'echo "$x"; }})\nexec "${{shell:-/bin/sh}}" -l')
+
+
+def shell_args(user: str, path: str, args: list[str],
+               environment: list[str]) -> tuple[str, str, list[str]]:
+    """(user, program, argv) of OpenShell after 252's defaulting and checks (§8.7)."""
+    user = user or "root"
+    if not path:
+        path, argv = "/bin/sh", ["sh", "-c", SHELL_SCRIPT.format(), "sh", user]
+    else:
+        if not path.startswith("/"):
+            raise InvalidArgs(f"Specified path '{path}' is not absolute")
+        argv = list(args) if args else [path]
+    if not environment_is_valid(environment):
+        raise InvalidArgs("Invalid environment assignments")
+    return user, path, argv
+
+
+def path_is_normalized(path: str) -> bool:
+    if not path.startswith("/") or "//" in path:
+        return False
+    return all(part not in (".", "..") for part in path.split("/"))
+
+
+def bind_args(source: str, destination: str) -> tuple[str, str]:
+    if not path_is_normalized(source):
+        raise InvalidArgs("Source path must be absolute and normalized.")
+    if not destination:
+        destination = source
+    elif not path_is_normalized(destination):
+        raise InvalidArgs("Destination path must be absolute and normalized.")
+    return source, destination
+
+
+COPY_REPLACE = 1
+
+
+def copy_args(source: str, destination: str, flags: int) -> tuple[str, str, bool]:
+    if flags & ~COPY_REPLACE:
+        raise InvalidArgs("Invalid argument")
+    if not source.startswith("/"):
+        raise InvalidArgs("Source path must be absolute.")
+    if not destination:
+        destination = source
+    elif not destination.startswith("/"):
+        raise InvalidArgs("Destination path must be absolute.")
+    return source, destination, bool(flags & COPY_REPLACE)

@@ -138,6 +138,10 @@ class Hierarchy:
                         return value.strip() == "1"
         except FileNotFoundError:
             return False
+        except OSError as e:
+            if e.errno == errno.ENODEV:  # removed between open() and read()
+                return False
+            raise
         return any(True for _ in self.pids(path))
 
     def _dirs_bottom_up(self, path: str) -> list[str]:
@@ -187,3 +191,45 @@ class Hierarchy:
             except OSError:
                 return
             parent = os.path.dirname(parent)
+
+
+def _named_mounts() -> dict[str, str]:
+    """Mount points of the cgroup2 hierarchy ("") and of v1 named hierarchies ("name=X")."""
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return found
+    for fields in mounts:
+        sep = fields.index("-")
+        fstype, options = fields[sep + 1], fields[sep + 3].split(",")
+        point = fields[4].replace("\\040", " ")
+        if fstype == "cgroup2":
+            found.setdefault("", point)
+        elif fstype == "cgroup":
+            for opt in options:
+                if opt.startswith("name="):
+                    found.setdefault(opt, point)
+    if "" in found and cgroup2_mount():
+        found[""] = cgroup2_mount() or found[""]
+    return found
+
+
+def procs_files_of(pid: int) -> list[str]:
+    """The cgroup.procs files that put a process where pid is: its cgroup2 cgroup and, on
+    hybrid hosts, its name=systemd cgroup (what the tools inside a container look at)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ErrnoError.from_oserror(e) from None
+    mounts = _named_mounts()
+    files = []
+    for line in lines:
+        hid, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        key = "" if hid == "0" and not controllers else controllers
+        if key in mounts and (key == "" or key == "name=systemd"):
+            files.append(os.path.join(mounts[key] + path, "cgroup.procs"))
+    return files

@@ -93,7 +93,7 @@ def vm(bookworm_tree: Path, wheelhouse: Path, busybox_tree: Path,
         # a non-root user for the polkit checks, before the snapshot (it changes /etc)
         v.run("useradd", "--create-home", "alice")
         # container trees for nested nspawn (one per container: nspawn locks its directory)
-        for name in ("tiny", "tinya", "tinyb", "tinyc", "tinyd", "tiny-e"):
+        for name in ("tiny", "tinya", "tinyb", "tinyc", "tinyd", "tiny-e", "tinyu"):
             shutil.copytree(busybox_tree, v.path(f"/var/lib/machines/{name}"), symlinks=True)
         # a machine of the distribution's machined (252), which ours must take over
         start_container(v, "tinyd")

@@ -24,10 +24,11 @@ def machines(vm: InstalledVM) -> list[str]:
     return [line.split()[0] for line in vm.machinectl("list").stdout.splitlines() if line]
 
 
-def start_container(vm: InstalledVM, name: str, keep_unit: bool = False) -> None:
+def start_container(vm: InstalledVM, name: str, keep_unit: bool = False,
+                    options: tuple[str, ...] = ()) -> None:
     """`systemd-nspawn --register=yes` of a busybox tree, as the service nspawn-NAME."""
     nspawn = ["systemd-nspawn", "--quiet", "--register=yes", "-D", f"/var/lib/machines/{name}",
-              "-M", name]
+              "-M", name, *options]
     if keep_unit:
         nspawn.append("--keep-unit")
     vm.run("systemd-run", "--collect", f"--unit=nspawn-{name}", "--", *nspawn, *PAYLOAD)

@@ -118,14 +118,6 @@ def test_unknown_object_property_and_readonly(machined: Machined, bus: BusDaemon
         "org.freedesktop.DBus.Error.PropertyReadOnly: Property 'Name' is not writable.")
 
 
-def test_pending_methods_say_not_implemented(machined: Machined, bus: BusDaemon) -> None:
-    for method, args in (("GetMachineOSRelease", ["string:.host"]),
-                         ("OpenMachineShell", ["string:.host", "string:", "string:",
-                                               "array:string:", "array:string:"])):
-        err = call_error(bus, method, "", *args)
-        assert err.startswith("org.freedesktop.DBus.Error.NotSupported: ")
-        assert "not implemented yet" in err
-
 
 def test_unregister_host_succeeds(machined: Machined, bus: BusDaemon) -> None:
     busctl(bus, "call", DEST, PATH, IFACE, "UnregisterMachine", "s", ".host")

@@ -386,7 +386,8 @@ class Nspawn:
     Processes tracker kills its process group, and the container's PID 1, at teardown)."""
 
     def __init__(self, bus: BusDaemon, procs: Processes, tree: Path, name: str,
-                 command: list[str], log_dir: Path, keep_unit: bool = False) -> None:
+                 command: list[str], log_dir: Path, keep_unit: bool = False,
+                 options: tuple[str, ...] = ()) -> None:
         self.bus = bus
         self.procs = procs
         self.name = name
@@ -394,6 +395,7 @@ class Nspawn:
         args = ["systemd-nspawn", "-q", "--register=yes", "-D", str(tree), "-M", name]
         if keep_unit:
             args.append("--keep-unit")
+        args.extend(options)
         self.log_path = log_dir / f"nspawn-{name}.log"
         with open(self.log_path, "wb") as log:
             self.proc = procs.spawn([*args, *command], env=bus.env(), stdout=log,

@@ -106,6 +106,9 @@ class Listener:
     def machine_removed(self, m: Machine) -> None:
         self.events.append(("removed", m.name))
 
+    def machine_freed(self, m: Machine) -> None:
+        self.events.append(("freed", m.name))
+
 
 class World:
     def __init__(self, tmp: Path) -> None:
@@ -213,7 +216,7 @@ async def test_leader_exit_removes_machine(world: World) -> None:
     world.watcher.exit(100)
     await world.settle()
     assert world.registry.get("ct") is None
-    assert world.listener.events[-1:] == [("removed", "ct")]
+    assert world.listener.events[-2:] == [("removed", "ct"), ("freed", "ct")]
     assert not (world.statedir.path / "ct").exists()
     assert ("stop", "machine-ct.scope") in world.backend.calls  # our scope: leftovers stopped
 

@@ -1,0 +1,280 @@
+"""Handlers of the methods that work inside a machine (spec §8, §9): each takes
+(call, machine, arguments...), checks arguments in 252's order, authorizes (§4.3), and leaves
+the work to machined/linux (forked children that enter the machine)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+from typing import Any
+
+from ..core.envfile import parse_env_file
+from ..core.errors import (
+    CHILD_DIED,
+    AccessDenied,
+    ErrnoError,
+    Failed,
+    InvalidArgs,
+    NoPrivateNetworking,
+    NoSuchGroupMapping,
+    NoSuchMachine,
+    NoSuchUserMapping,
+    NotSupported,
+)
+from ..core.machine import Machine, MachineClass
+from ..core.operations import Operations
+from ..core.registry import Registry
+from ..core.uidmap import check_id, map_from, map_to, parse_map, shift_of
+from ..core.validate import bind_args, copy_args, shell_args
+from ..linux import cgroups, copy, facts, terminal
+from ..linux import namespaces as ns
+from ..linux.bindmount import bind_mount
+from .auth import MANAGE_MACHINES, PREFIX, Authority
+from .objects import Call
+
+LOGIN_PROGRAMS = ("/bin/login", "/usr/bin/login", "/sbin/login", "/usr/sbin/login")
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+class InsideHandlers:
+    def __init__(self, registry: Registry, authority: Authority) -> None:
+        self.registry = registry
+        self.authority = authority
+        self.operations = Operations(_kill)
+
+    # ---------------------------------------------------------------- helpers
+    def _machine(self, name: str) -> Machine:
+        m = self.registry.get(name)
+        if m is None:
+            raise NoSuchMachine(name)
+        return m
+
+    def _still_there(self, m: Machine) -> Machine:
+        if m.cls is not MachineClass.HOST and self.registry.get(m.name) is not m:
+            raise NoSuchMachine(m.name)
+        return m
+
+    @staticmethod
+    def _is_host(m: Machine) -> bool:
+        return m.cls is MachineClass.HOST
+
+    @staticmethod
+    def _is_container(m: Machine) -> bool:
+        return m.cls is MachineClass.CONTAINER
+
+    async def _authorize(self, call: Call, m: Machine, action: str,
+                         details: dict[str, str]) -> Machine:
+        await self.authority.check(call, action, details)
+        return self._still_there(m)
+
+    def _uid_shift(self, m: Machine) -> int:
+        if self._is_host(m):
+            return 0
+        if not self._is_container(m):
+            raise NotSupported("UID/GID shift may only be determined for container machines.")
+        return shift_of(m.name, facts.read_id_map(m.leader, "uid_map"),
+                        facts.read_id_map(m.leader, "gid_map"))
+
+    # ---------------------------------------------------------------- facts (no authorization)
+    async def get_addresses(self, call: Call, m: Machine) -> list[tuple[int, bytes]]:
+        if self._is_host(m):
+            return facts.addresses(None)
+        if not self._is_container(m):
+            raise NotSupported(
+                "Requesting IP address data is only supported on container machines.")
+        if ns.shares_namespace(m.leader, "net"):
+            raise NoPrivateNetworking(m.name)
+        return facts.addresses(m.leader)
+
+    async def get_os_release(self, call: Call, m: Machine) -> dict[str, str]:
+        if self._is_host(m):
+            raw = facts.host_os_release()
+        elif self._is_container(m):
+            raw = facts.container_os_release(m.leader)
+        else:
+            raise NotSupported(
+                "Requesting OS release data is only supported on container machines.")
+        return dict(parse_env_file(raw.decode("utf-8", "replace")))
+
+    def get_uid_shift(self, call: Call, m: Machine) -> int:
+        return self._uid_shift(m)
+
+    def map_from_machine(self, kind: str, name: str, inner: int) -> int:
+        check_id(inner, kind)
+        m = self._machine(name)
+        if not self._is_container(m):
+            raise InvalidArgs("Not supported for non-container machines.")
+        text = facts.read_id_map(m.leader, "uid_map" if kind == "user" else "gid_map")
+        if text is None:
+            return inner
+        outer = map_from(inner, parse_map(text))
+        if outer is None:
+            # 252 answers NoSuchUserMapping for groups too
+            raise NoSuchUserMapping(f"Machine '{m.name}' has no matching {kind} mappings.")
+        return outer
+
+    def map_to_machine(self, kind: str, outer: int) -> tuple[str, str, int]:
+        check_id(outer, kind)
+        error = NoSuchUserMapping if kind == "user" else NoSuchGroupMapping
+        if outer < 65536:
+            raise error(f"{kind.capitalize()} {outer} belongs to host "
+                        f"{'UID' if kind == 'user' else 'GID'} range")
+        for m in self.registry:
+            if not self._is_container(m):
+                continue
+            try:
+                text = facts.read_id_map(m.leader, "uid_map" if kind == "user" else "gid_map")
+                lines = parse_map(text or "")
+            except ErrnoError:
+                continue
+            inner = map_to(outer, lines)
+            if inner is not None:
+                return m.name, m.path, inner
+        raise error(f"No matching {kind} mapping for {outer}.")
+
+    # ---------------------------------------------------------------- terminals
+    async def open_pty(self, call: Call, m: Machine) -> tuple[int, str]:
+        action = "host-open-pty" if self._is_host(m) else "open-pty"
+        m = await self._authorize(call, m, PREFIX + action, {"machine": m.name})
+        if self._is_host(m):
+            return terminal.host_pty()
+        if not self._is_container(m):
+            raise ErrnoError(errno.EOPNOTSUPP)
+        return await terminal.container_pty(m.leader)
+
+    async def open_login(self, call: Call, m: Machine) -> tuple[int, str]:
+        action = "host-login" if self._is_host(m) else "login"
+        m = await self._authorize(call, m, PREFIX + action,
+                                  {"machine": m.name, "verb": "login"})
+        program = terminal.Program("root", LOGIN_PROGRAMS[0], ["login"], [],
+                                   LOGIN_PROGRAMS[1:])
+        return await self._start(m, program)
+
+    async def open_shell(self, call: Call, m: Machine, user: str, path: str, args: list[str],
+                         environment: list[str]) -> tuple[int, str]:
+        user, path, argv = shell_args(user, path, args, environment)
+        action = "host-shell" if self._is_host(m) else "shell"
+        m = await self._authorize(call, m, PREFIX + action,
+                                  {"machine": m.name, "user": user, "program": path})
+        # A shell in a machine that shares our user namespace is a root shell on the host for
+        # all purposes: polkit's yes is not enough for that.
+        if (self._is_container(m) or self._is_host(m)) and (await call.creds()).uid != 0 \
+                and ns.shares_namespace(1 if self._is_host(m) else m.leader, "user"):
+            raise AccessDenied("Permission denied")
+        return await self._start(m, terminal.Program(user, path, argv, environment))
+
+    async def _start(self, m: Machine, program: terminal.Program) -> tuple[int, str]:
+        if self._is_host(m):
+            return await terminal.start_program(None, program, [], m.name)
+        if not self._is_container(m):
+            raise ErrnoError(errno.EOPNOTSUPP)
+        return await terminal.start_program(m.leader, program, _cgroup_procs(m.leader),
+                                            m.name)
+
+    # ---------------------------------------------------------------- bind mounts
+    async def bind_mount(self, call: Call, m: Machine, source: str, destination: str,
+                         read_only: bool, mkdir: bool) -> None:
+        if not self._is_container(m):
+            raise NotSupported("Bind mounting is only supported on container machines.")
+        source, destination = bind_args(source, destination)
+        m = await self._authorize(call, m, MANAGE_MACHINES, {
+            "machine": m.name, "verb": "bind", "src": source, "dest": destination})
+        if self._uid_shift(m) != 0:
+            raise NotSupported("Can't bind mount on container with user namespacing applied.")
+        try:
+            await bind_mount(m.leader, source, destination, read_only, mkdir)
+        except (OSError, ErrnoError) as e:
+            err = e.errno if e.errno else errno.EIO
+            raise ErrnoError(err, f"Failed to mount {source} on {destination} in machine's "
+                                  f"namespace: {os.strerror(err)}") from None
+
+    # ---------------------------------------------------------------- copies (operations)
+    def copy_machine(self, call: Call, name: str, source: str, destination: str, flags: int,
+                     to_container: bool) -> Any:
+        """The Manager's Copy*Machine*: the operation cap is checked before the lookup."""
+        self.operations.check_capacity("Too many ongoing copies.")
+        return self.copy(call, self._machine(name), source, destination, flags, to_container)
+
+    async def copy(self, call: Call, m: Machine, source: str, destination: str, flags: int,
+                   to_container: bool) -> None:
+        self.operations.check_capacity("Too many ongoing copies.")
+        if not self._is_container(m):
+            raise NotSupported("Copying files is only supported on container machines.")
+        source, destination, replace = copy_args(source, destination, flags)
+        m = await self._authorize(call, m, MANAGE_MACHINES, {
+            "machine": m.name, "verb": "copy", "src": source, "dest": destination})
+        shift = self._uid_shift(m)
+        host_path, container_path = ((source, destination) if to_container
+                                     else (destination, source))
+        for path in (host_path, container_path):
+            name = os.path.basename(path.rstrip("/"))
+            if not name or name in (".", ".."):
+                raise ErrnoError(errno.EADDRNOTAVAIL,
+                                 f"Failed to extract file name of '{path}' path: "
+                                 f"{os.strerror(errno.EADDRNOTAVAIL)}")
+        try:
+            host_dir, host_name = copy.open_parent(host_path)
+        except OSError as e:
+            raise ErrnoError.from_oserror(
+                e, f"Failed to open host directory {os.path.dirname(host_path)}") from None
+        if shift == 0:
+            owner = copy.Owner()
+        elif to_container:
+            owner = copy.Owner(shift, shift)
+        else:
+            owner = copy.Owner(0, 0)
+        try:
+            self.operations.check_capacity("Too many ongoing copies.")
+            pid, sock = copy.fork_copy(m.leader, host_dir, host_name, container_path,
+                                       to_container, replace, owner)
+        finally:
+            os.close(host_dir)
+        result = await self.operations.run(m, pid, ns.collect(pid, sock))
+        if not result.exited:
+            raise Failed(CHILD_DIED)
+        if result.code != 0:
+            err = result.errno
+            if err is None:
+                raise Failed("Child failed.")
+            raise ErrnoError(err)
+
+    # ---------------------------------------------------------------- root directory
+    async def open_root_directory(self, call: Call, m: Machine) -> int:
+        m = await self._authorize(call, m, MANAGE_MACHINES, {
+            "machine": m.name, "verb": "open_root_directory"})
+        if self._is_host(m):
+            return facts.host_root_directory()
+        if not self._is_container(m):
+            raise NotSupported(
+                "Opening the root directory is only supported on container machines.")
+        return await facts.container_root_directory(m.leader)
+
+    # ---------------------------------------------------------------- life cycle
+    def machine_gone(self, m: Machine) -> None:
+        self.operations.machine_gone(m)
+
+    def stop(self) -> None:
+        self.operations.kill_all()
+
+    # ---------------------------------------------------------------- method table helpers
+    def manager_map(self, what: str) -> Any:
+        """Handlers of Map{From,To}Machine{User,Group}: validity comes before the lookup."""
+        kind = "user" if what.endswith("User") else "group"
+        if what.startswith("MapFrom"):
+            return lambda call, name, inner: self.map_from_machine(kind, name, inner)
+        return lambda call, outer: self.map_to_machine(kind, outer)
+
+
+
+def _cgroup_procs(leader: int) -> list[str]:
+    """The cgroup.procs files of the leader's cgroups, where a shell belongs."""
+    try:
+        return cgroups.procs_files_of(leader)
+    except ErrnoError:
+        return []

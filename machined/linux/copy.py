@@ -1,0 +1,154 @@
+"""Copying files and trees between the host and a container (spec §8.9).
+
+The child enters the container's mount namespace only; the container side is opened there, so
+its symlinks resolve inside the container, never on the host. Below the two top directories
+everything is done relative to directory fds with O_NOFOLLOW: a symlink is copied as a symlink
+and never followed, also when the container swaps a directory for one during the copy."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+from . import namespaces as ns
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Force this owner on everything copied (a UID shift), or keep the source's (None)."""
+    uid: int | None = None
+    gid: int | None = None
+
+
+def open_parent(path: str) -> tuple[int, str]:
+    """(fd of the parent directory, last component) of an absolute, normalized path."""
+    parent, name = os.path.split(path.rstrip("/"))
+    if not name or name in (".", ".."):
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+    return os.open(parent or "/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), name
+
+
+def copy_entry(src_dir: int, src: str, dst_dir: int, dst: str, replace: bool, owner: Owner,
+               top: bool = True) -> None:
+    st = os.stat(src, dir_fd=src_dir, follow_symlinks=False)
+    uid = st.st_uid if owner.uid is None else owner.uid
+    gid = st.st_gid if owner.gid is None else owner.gid
+    if stat.S_ISDIR(st.st_mode):
+        _copy_dir(src_dir, src, dst_dir, dst, replace, owner, st, uid, gid)
+    elif stat.S_ISREG(st.st_mode):
+        _copy_file(src_dir, src, dst_dir, dst, replace, st, uid, gid)
+    elif stat.S_ISLNK(st.st_mode):
+        target = os.readlink(src, dir_fd=src_dir)
+        _create(lambda: os.symlink(target, dst, dir_fd=dst_dir), dst_dir, dst, replace)
+        os.chown(dst, uid, gid, dir_fd=dst_dir, follow_symlinks=False)
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir,
+                 follow_symlinks=False)
+    elif stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        _create(lambda: os.mknod(dst, st.st_mode, st.st_rdev, dir_fd=dst_dir), dst_dir, dst,
+                replace)
+        os.chown(dst, uid, gid, dir_fd=dst_dir, follow_symlinks=False)
+    elif top:
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+    # sockets below the top are skipped, as systemd's copy does
+
+
+def _create(make: object, dst_dir: int, dst: str, replace: bool) -> None:
+    assert callable(make)
+    try:
+        make()
+    except FileExistsError:
+        if not replace:
+            raise
+        os.unlink(dst, dir_fd=dst_dir)  # a directory is not replaced: EISDIR
+        make()
+
+
+def _copy_file(src_dir: int, src: str, dst_dir: int, dst: str, replace: bool,
+               st: os.stat_result, uid: int, gid: int) -> None:
+    fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fout = -1
+
+        def make() -> None:
+            nonlocal fout
+            fout = os.open(dst, flags, 0o600, dir_fd=dst_dir)
+
+        _create(make, dst_dir, dst, replace)
+        try:
+            _copy_bytes(fin, fout, st.st_size)
+            os.fchown(fout, uid, gid)
+            os.fchmod(fout, stat.S_IMODE(st.st_mode))
+            _copy_xattrs(fin, fout)
+            os.utime(fout, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
+
+
+def _copy_bytes(fin: int, fout: int, size: int) -> None:
+    try:
+        while os.copy_file_range(fin, fout, 1 << 30):  # reflinks where the filesystem can
+            pass
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    os.lseek(fin, 0, os.SEEK_SET)
+    os.lseek(fout, 0, os.SEEK_SET)
+    while chunk := os.read(fin, 1 << 20):
+        os.write(fout, chunk)
+
+
+def _copy_xattrs(fin: int, fout: int) -> None:
+    with contextlib.suppress(OSError):
+        for name in os.listxattr(fin):
+            with contextlib.suppress(OSError):
+                os.setxattr(fout, name, os.getxattr(fin, name))
+
+
+def _copy_dir(src_dir: int, src: str, dst_dir: int, dst: str, replace: bool, owner: Owner,
+              st: os.stat_result, uid: int, gid: int) -> None:
+    fin = os.open(src, _DIR, dir_fd=src_dir)
+    try:
+        with contextlib.suppress(FileExistsError):  # merge into an existing directory
+            os.mkdir(dst, 0o700, dir_fd=dst_dir)
+        fout = os.open(dst, _DIR, dir_fd=dst_dir)
+        try:
+            for name in os.listdir(fin):
+                copy_entry(fin, name, fout, name, replace, owner, top=False)
+            os.fchown(fout, uid, gid)
+            os.fchmod(fout, stat.S_IMODE(st.st_mode))
+            _copy_xattrs(fin, fout)
+            os.utime(fout, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
+
+
+def fork_copy(leader: int, host_dir: int, host_name: str, container_path: str, to_container: bool,
+              replace: bool, owner: Owner) -> tuple[int, socket.socket]:
+    """Fork the copy child; host_dir is the host parent directory, opened by the caller."""
+    target = ns.Target.open(leader, ("mnt",), root=False)
+
+    def work(sock: socket.socket) -> None:
+        ns.set_name("(sd-copy)")
+        target.enter()  # the mount namespace only: paths resolve from the container's root
+        cdir, cname = open_parent(container_path)
+        if to_container:
+            copy_entry(host_dir, host_name, cdir, cname, replace, owner)
+        else:
+            copy_entry(cdir, cname, host_dir, host_name, replace, owner)
+
+    try:
+        return ns.fork_child(work)
+    finally:
+        target.close()

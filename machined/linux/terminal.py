@@ -1,0 +1,204 @@
+"""Terminals in a machine: a PTY from the machine's own devpts, and a shell or login program
+started on it inside all of the machine's namespaces and its cgroup (spec §8.5-8.7).
+
+This needs nothing inside the machine but a /dev/ptmx, an /etc/passwd and the program: it
+works in containers that run no systemd and no D-Bus."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import struct
+import termios
+from dataclasses import dataclass
+
+from ..core.errors import ErrnoError, Failed
+from . import namespaces as ns
+
+TIOCGPTN = 0x80045430
+TIOCSPTLCK = 0x40045431
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+NO_USER = 3  # exit codes of the shell child: the user does not exist inside,
+NO_PROGRAM = 4  # no program of the given paths exists inside
+_TERMINAL = ("mnt", "user", "pid")
+
+
+def open_ptmx() -> tuple[int, int]:
+    """A new PTY master from the /dev/ptmx of our mount namespace, unlocked; (fd, number)."""
+    fd = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TIOCSPTLCK, struct.pack("i", 0))
+        (number,) = struct.unpack("I", fcntl.ioctl(fd, TIOCGPTN, b"\0" * 4))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, number
+
+
+def pty_path(number: int) -> str:
+    return f"/dev/pts/{number}"
+
+
+def host_pty() -> tuple[int, str]:
+    fd, number = open_ptmx()
+    return fd, pty_path(number)
+
+
+async def container_pty(leader: int) -> tuple[int, str]:
+    with ns.Target.open(leader, _TERMINAL, root=True) as target:
+        def work(sock: socket.socket) -> None:
+            target.enter()
+            fd, number = open_ptmx()
+            ns.send(sock, struct.pack("=I", number), [fd])
+
+        result = await ns.run_child(work)
+    if result.code != 0 or len(result.fds) != 1:
+        result.close_fds()
+        raise ErrnoError(errno.EIO)
+    (number,) = struct.unpack("=I", result.messages[0][:4])
+    return result.fds[0], pty_path(number)
+
+
+# ---------------------------------------------------------------------------- users
+@dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+    groups: tuple[int, ...]
+
+
+def lookup_user(name: str, passwd: str = "/etc/passwd", group: str = "/etc/group") -> User | None:
+    """The user from the files of the root we are in (a container's own, after chroot): we
+    cannot load the container's NSS modules, its files are the common ground."""
+    try:
+        with open(passwd) as f:
+            entries = [line.rstrip("\n").split(":") for line in f]
+    except FileNotFoundError:
+        entries = []
+    found = None
+    for e in entries:
+        if len(e) >= 7 and (e[0] == name or (name.isdigit() and e[2] == name)):
+            found = e
+            break
+    if found is None:
+        if name in ("root", "0"):  # root exists even where /etc/passwd does not
+            return User("root", 0, 0, "/root", "/bin/sh", ())
+        return None
+    groups = []
+    try:
+        with open(group) as f:
+            for line in f:
+                g = line.rstrip("\n").split(":")
+                if len(g) >= 4 and found[0] in g[3].split(",") and g[2].isdigit():
+                    groups.append(int(g[2]))
+    except FileNotFoundError:
+        pass
+    return User(found[0], int(found[2]), int(found[3]), found[5] or "/", found[6] or "/bin/sh",
+                tuple(groups))
+
+
+# ---------------------------------------------------------------------------- programs
+@dataclass(frozen=True)
+class Program:
+    user: str
+    path: str
+    argv: list[str]
+    environment: list[str]  # NAME=value, added last
+    alternatives: tuple[str, ...] = ()  # tried in turn when path does not exist inside
+
+
+def _environment(user: User, extra: list[str]) -> dict[str, str]:
+    env = {"PATH": DEFAULT_PATH, "HOME": user.home, "LOGNAME": user.name, "USER": user.name,
+           "SHELL": user.shell, "TERM": "vt220"}
+    for assignment in extra:
+        key, _, value = assignment.partition("=")
+        env[key] = value
+    return env
+
+
+async def start_program(leader: int | None, program: Program, cgroup_procs: list[str],
+                        machine: str) -> tuple[int, str]:
+    """Allocate a PTY inside the machine (leader None: the host) and run program on it as a
+    session leader with the PTY as controlling terminal, in all the machine's namespaces and in
+    the cgroups whose cgroup.procs files are given. Returns (master fd, pty path)."""
+    target = ns.Target.open(leader, ns.ALL, root=True) if leader else None
+
+    def work(sock: socket.socket) -> int:
+        for procs in cgroup_procs:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        if target is not None:
+            target.enter()
+        user = lookup_user(program.user)
+        if user is None:
+            return NO_USER
+        path = next((p for p in (program.path, *program.alternatives) if os.path.exists(p)),
+                    None)
+        if path is None:
+            return NO_PROGRAM
+        master, number = open_ptmx()
+        slave = os.open(pty_path(number), os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        env = _environment(user, program.environment)
+
+        def run() -> int:
+            # not in the pid namespace of the shell: the middle child goes, the shell stays
+            os.setsid()
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+            for fd in (0, 1, 2):
+                os.dup2(slave, fd)
+            os.closerange(3, 65536)
+            try:
+                os.setgroups(list(user.groups))
+                os.setresgid(user.gid, user.gid, user.gid)
+                os.setresuid(user.uid, user.uid, user.uid)
+                try:
+                    os.chdir(user.home)
+                except OSError:
+                    os.chdir("/")
+                os.execve(path, program.argv, env)
+            except OSError as e:
+                os.write(2, f"Failed to execute {path}: {e.strerror}\r\n".encode())
+            return 127
+
+        pid = os.fork()
+        if pid == 0:
+            code = 127
+            try:
+                code = run()
+            finally:
+                os._exit(code)
+        ns.send(sock, struct.pack("=I", number), [master])
+        os.close(master)
+        sock.close()
+        # Hold the slave open until the program ends: when the last slave fd goes at the very
+        # moment the program exits, the reader of the master may see EIO before the program's
+        # last output (systemd resets the TTY after a container-shell@ unit, to the same effect)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        return 0
+
+    try:
+        pid, sock = ns.fork_child(work)
+        messages, fds = await ns.receive(pid, sock)
+    finally:
+        if target is not None:
+            target.close()
+    if len(fds) == 1 and messages and len(messages[0]) == 4:
+        ns.reap_later(pid)  # the middle child stays as long as the program
+        (number,) = struct.unpack("=I", messages[0])
+        return fds[0], pty_path(number)
+    result = ns.ChildResult(await ns.reap(pid), messages, fds)
+    if result.code == NO_USER:
+        raise Failed(f"User '{program.user}' does not exist in machine '{machine}'.")
+    if result.code == NO_PROGRAM:
+        raise ErrnoError(errno.ENOENT, f"There is no {program.path} in machine {machine}.")
+    result.close_fds()
+    err = result.errno
+    raise ErrnoError(err) if err else ErrnoError(errno.EIO)
+
