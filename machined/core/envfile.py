@@ -1,7 +1,13 @@
-"""Parsing of env files such as os-release (spec §8.2): KEY=VALUE lines, '#'/';' comments,
-single or double quotes, backslash escapes, line continuations; pairs in file order."""
+"""Parsing of env files as systemd's parse_env_file reads them (os-release §8.2, machine-info,
+the state files of /run/systemd/machines): KEY=VALUE lines, '#'/';' comments, single or double
+quotes, backslash escapes, line continuations; lines without a valid key are skipped; pairs in
+file order."""
 
 from __future__ import annotations
+
+import re
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def parse_env_file(text: str) -> list[tuple[str, str]]:
@@ -12,7 +18,7 @@ def parse_env_file(text: str) -> list[tuple[str, str]]:
             continue
         key, sep, raw = line.partition("=")
         key = key.strip()
-        if not sep or not key:
+        if not sep or not _ENV_NAME.fullmatch(key):
             continue
         pairs.append((key, _value(raw.strip())))
     return pairs

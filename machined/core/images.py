@@ -152,68 +152,6 @@ class Metadata:
     os_release: tuple[tuple[str, str], ...] = ()
 
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def parse_env_file(text: str) -> list[tuple[str, str]]:
-    """KEY=value lines as systemd's parse_env_file reads os-release and machine-info: comments,
-    single and double quotes, backslash escapes; invalid lines are skipped."""
-    out: list[tuple[str, str]] = []
-    for raw in _logical_lines(text):
-        line = raw.strip()
-        if not line or line[0] in "#;":
-            continue
-        key, eq, value = line.partition("=")
-        key = key.strip()
-        if not eq or not _ENV_NAME.fullmatch(key):
-            continue
-        out.append((key, _unquote(value.strip())))
-    return out
-
-
-def _logical_lines(text: str) -> list[str]:
-    lines: list[str] = []
-    pending = ""
-    for line in text.splitlines():
-        if line.endswith("\\") and not line.endswith("\\\\"):
-            pending += line[:-1]
-            continue
-        lines.append(pending + line)
-        pending = ""
-    if pending:
-        lines.append(pending)
-    return lines
-
-
-def _unquote(value: str) -> str:
-    out = []
-    quote = ""
-    i = 0
-    while i < len(value):
-        c = value[i]
-        if quote == "'":
-            if c == "'":
-                quote = ""
-            else:
-                out.append(c)
-        elif c == "\\" and i + 1 < len(value):
-            i += 1
-            out.append(value[i])
-        elif quote == '"':
-            if c == '"':
-                quote = ""
-            else:
-                out.append(c)
-        elif c in "'\"":
-            quote = c
-        elif c == "#" and (not out or out[-1].isspace()):
-            break
-        else:
-            out.append(c)
-        i += 1
-    return "".join(out).rstrip() if not quote else "".join(out)
-
-
 def parse_hostname(text: str) -> str:
     """The first non-empty, non-comment line, cleaned; "" unless it is a valid host name."""
     for line in text.splitlines():

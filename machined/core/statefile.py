@@ -9,10 +9,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
+from .envfile import parse_env_file
 from .machine import Machine, MachineClass, Timestamp
 from .names import cescape, hidden_or_backup_file, machine_name_is_valid
 
@@ -45,22 +45,8 @@ def serialize(m: Machine) -> str:
     return "".join(lines)
 
 
-def parse_env_file(text: str) -> dict[str, str]:
-    """Env-file style KEY=value lines; comments skipped, quotes and backslashes processed."""
-    result: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line[0] in "#;":
-            continue
-        key, eq, value = line.partition("=")
-        if not eq:
-            continue
-        try:
-            words = shlex.split(value, posix=True)
-        except ValueError:
-            continue
-        result[key.strip()] = " ".join(words)
-    return result
+def parse_state(text: str) -> dict[str, str]:
+    return dict(parse_env_file(text))
 
 
 def apply(m: Machine, data: dict[str, str]) -> None:
@@ -162,7 +148,7 @@ class StateDir:
                 continue
             m = Machine(name=name)
             try:
-                apply(m, parse_env_file(Path(entry.path).read_text(errors="surrogateescape")))
+                apply(m, parse_state(Path(entry.path).read_text(errors="surrogateescape")))
             except OSError as e:
                 log.warning("Failed to load %s: %s", entry.path, e)
             yield m

@@ -83,10 +83,7 @@ def _copy_file(src_dir: int, src: str, dst_dir: int, dst: str, replace: bool,
         _create(make, dst_dir, dst, replace)
         try:
             _copy_bytes(fin, fout, st.st_size)
-            os.fchown(fout, uid, gid)
-            os.fchmod(fout, stat.S_IMODE(st.st_mode))
-            _copy_xattrs(fin, fout)
-            os.utime(fout, ns=(st.st_atime_ns, st.st_mtime_ns))
+            _copy_metadata(fin, fout, st, uid, gid)
         finally:
             os.close(fout)
     finally:
@@ -107,6 +104,15 @@ def _copy_bytes(fin: int, fout: int, size: int) -> None:
         os.write(fout, chunk)
 
 
+def _copy_metadata(fin: int, fout: int, st: os.stat_result, uid: int, gid: int) -> None:
+    """Owner (shifted), mode, xattrs and times of the source, in that order: chown clears
+    set-id bits, so the mode comes after it."""
+    os.fchown(fout, uid, gid)
+    os.fchmod(fout, stat.S_IMODE(st.st_mode))
+    _copy_xattrs(fin, fout)
+    os.utime(fout, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def _copy_xattrs(fin: int, fout: int) -> None:
     with contextlib.suppress(OSError):
         for name in os.listxattr(fin):
@@ -124,10 +130,7 @@ def _copy_dir(src_dir: int, src: str, dst_dir: int, dst: str, replace: bool, own
         try:
             for name in os.listdir(fin):
                 copy_entry(fin, name, fout, name, replace, owner, top=False)
-            os.fchown(fout, uid, gid)
-            os.fchmod(fout, stat.S_IMODE(st.st_mode))
-            _copy_xattrs(fin, fout)
-            os.utime(fout, ns=(st.st_atime_ns, st.st_mtime_ns))
+            _copy_metadata(fin, fout, st, uid, gid)
         finally:
             os.close(fout)
     finally:

@@ -20,7 +20,8 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 
-from ..core.images import Metadata, parse_env_file, parse_hostname, parse_machine_id
+from ..core.envfile import parse_env_file
+from ..core.images import Metadata, parse_hostname, parse_machine_id
 from . import fs as lfs
 
 GENERIC_LINUX = uuid.UUID("0fc63daf-8483-4772-8e79-3d69d8477de4")

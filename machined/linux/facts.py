@@ -13,7 +13,7 @@ from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from ..core.errors import CHILD_DIED, ErrnoError, Failed
 from . import namespaces as ns
-from .namespaces import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
+from .fs import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 
 IFA_F_DEPRECATED = 0x20
 RT_SCOPE_HOST = 254

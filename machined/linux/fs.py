@@ -25,6 +25,7 @@ RENAME_NOREPLACE = 1
 AT_FDCWD = -100
 _STATX_BTIME = 0x800
 _SYS_OPENAT2 = 437
+RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_IN_ROOT = 0x10
 
 
@@ -153,15 +154,19 @@ def rename_noreplace(old: str, new: str) -> None:
     _check(ret, new)
 
 
+def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
+    """openat2(2): path resolved below dirfd as `resolve` (RESOLVE_*) says."""
+    how = struct.pack("QQQ", flags, 0, resolve)
+    buf = ctypes.create_string_buffer(how, len(how))
+    return _check(_libc().syscall(_SYS_OPENAT2, dirfd, os.fsencode(path), buf,
+                                  ctypes.c_size_t(len(how))), path)
+
+
 def open_in_root(root: str, relpath: str) -> int:
     """Open `relpath` below `root` with every symlink resolved as if `root` were "/"."""
     rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        how = struct.pack("QQQ", os.O_RDONLY | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT)
-        buf = ctypes.create_string_buffer(how, len(how))
-        fd = _libc().syscall(_SYS_OPENAT2, rootfd, os.fsencode(relpath.lstrip("/")), buf,
-                             ctypes.c_size_t(len(how)))
-        return _check(fd, relpath)
+        return openat2(rootfd, relpath.lstrip("/"), os.O_RDONLY | os.O_CLOEXEC, RESOLVE_IN_ROOT)
     finally:
         os.close(rootfd)
 

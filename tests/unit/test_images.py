@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from machined.core.envfile import parse_env_file
 from machined.core.errors import ErrnoError, InvalidArgs
 from machined.core.images import (
     UINT64_MAX,
@@ -15,7 +16,6 @@ from machined.core.images import (
     check_limit,
     clean_mode,
     image_object_path,
-    parse_env_file,
     parse_hostname,
     parse_machine_id,
     refuse_vendor_or_host,

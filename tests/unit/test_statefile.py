@@ -3,7 +3,7 @@ import stat
 from pathlib import Path
 
 from machined.core.machine import Machine, MachineClass, Timestamp
-from machined.core.statefile import StateDir, apply, parse_env_file, serialize
+from machined.core.statefile import StateDir, apply, parse_state, serialize
 
 
 def sample() -> Machine:
@@ -37,7 +37,7 @@ def test_roundtrip_with_escapes() -> None:
     m.unit = "machine-my\\x2dct.scope"
     m.root_directory = "/srv/with space/x"
     back = Machine(name="spec-ct")
-    apply(back, parse_env_file(serialize(m)))
+    apply(back, parse_state(serialize(m)))
     assert back.unit == m.unit
     assert back.root_directory == m.root_directory
     assert (back.id, back.leader, back.cls, back.netif) == (m.id, m.leader, m.cls, m.netif)
@@ -47,13 +47,13 @@ def test_roundtrip_with_escapes() -> None:
 def test_escaped_control_characters_read_back_like_252() -> None:
     # 252's env-file reader is not the inverse of cescape: "\\t" reads back as "t".
     m = Machine(name="x")
-    apply(m, parse_env_file("ROOT=/a\\tb\n"))
+    apply(m, parse_state("ROOT=/a\\tb\n"))
     assert m.root_directory == "/atb"
 
 
 def test_parse_ignores_garbage() -> None:
     m = Machine(name="x")
-    apply(m, parse_env_file("ID=zz\nLEADER=abc\nCLASS=foo\nNETIF=1 x -2 3\nREALTIME=1\n"))
+    apply(m, parse_state("ID=zz\nLEADER=abc\nCLASS=foo\nNETIF=1 x -2 3\nREALTIME=1\n"))
     assert m.id == b"" and m.leader == 0 and m.cls is MachineClass.UNKNOWN
     assert m.netif == [1, 3] and m.timestamp is None
 
