@@ -9,8 +9,6 @@ import socket
 import struct
 import threading
 
-from pyroute2.netlink.rtnl.marshal import MarshalRtnl
-
 from ..core.errors import CHILD_DIED, ErrnoError, Failed
 from . import namespaces as ns
 from .fs import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
@@ -59,6 +57,10 @@ def _netlink_socket(target: ns.Target | None) -> socket.socket:
 
 def _dump_addresses(sock: socket.socket) -> list[tuple[int, bytes]]:
     """RTM_GETADDR dump (AF_UNSPEC), decoded by pyroute2, filtered and sorted like 252."""
+    # Imported on first use: pyroute2 loads some 160 modules (about 12 MiB) that a daemon
+    # nobody asks for addresses never needs.
+    from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+
     sock.bind((0, 0))
     sock.send(struct.pack("=IHHII", 24, _RTM_GETADDR, _NLM_F_REQUEST_DUMP, 1, 0)
               + struct.pack("=BBBBI", 0, 0, 0, 0, 0))
