@@ -230,7 +230,7 @@ def outcome(answer: tuple[Any, ...], wanted: str) -> str:
         return f"{name}: {message}"
     if wanted == AUTHORIZED:
         return AUTHORIZED
-    return name
+    return str(name)
 
 
 class World:
