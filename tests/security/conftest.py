@@ -4,6 +4,7 @@ raw clients running as root and as nobody, and a stand-in polkit."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import shutil
 import signal
@@ -68,16 +69,31 @@ class Sleepers:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
 
+        self.orphans: list[int] = []
+
     def start(self) -> subprocess.Popen[bytes]:
         p = subprocess.Popen(["sleep", "600"])
         self.procs.append(p)
         return p
+
+    def start_orphan(self) -> int:
+        """A sleeper whose parent is not this process: a caller that registers its own child
+        counts as its supervisor and is moved into the machine's scope with it (the cgroupfs
+        backend's nspawn --keep-unit rule), which a test process must avoid."""
+        out = subprocess.run(["sh", "-c", "sleep 600 >/dev/null 2>&1 & echo $!"],
+                             capture_output=True, text=True, check=True)
+        pid = int(out.stdout)
+        self.orphans.append(pid)
+        return pid
 
     def close(self) -> None:
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
             p.wait()
+        for pid in self.orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def image_root() -> Path:
@@ -96,7 +112,8 @@ def make_image(root: Path, name: str) -> Path:
 
 
 def remove_tree(path: Path) -> None:
-    # clones may be read-only (chattr +i is not used, but directories may be made 0555)
+    # images marked read-only are immutable (chattr +i) or mode 0555
+    subprocess.run(["chattr", "-R", "-i", str(path)], check=False, capture_output=True)
     subprocess.run(["chmod", "-R", "u+w", str(path)], check=False, capture_output=True)
     shutil.rmtree(path, ignore_errors=True)
 
@@ -136,8 +153,14 @@ def start_daemon(bus: BusDaemon, root: Path, *extra: str) -> Machined:
 
 
 def stop_daemon(d: Machined) -> list[str]:
+    """Stop the daemon; the unexpected errors it logged, each with the lines that follow."""
     d.stop()
-    errors = d.unexpected_errors()
+    keep = os.environ.get("MACHINED_KEEP_LOG")  # a path: keep the daemon's log for a post-mortem
+    if keep:
+        Path(keep).write_text(d.log)
+    lines = d.log.splitlines()
+    unexpected = set(d.unexpected_errors())
+    errors = ["\n".join(lines[i:i + 25]) for i, line in enumerate(lines) if line in unexpected]
     clean_state()
     return errors
 
