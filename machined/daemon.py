@@ -107,6 +107,8 @@ async def run(options: Options) -> int:
     # Reload before taking the name: 252 reloads with blocking calls, so no client (one that
     # activated us, say) ever sees the machine list before the state files are read.
     await registry.start()
+    if isinstance(backend, CgroupfsBackend):
+        backend.collect_orphans()
     try:
         await bus.request_name_async(BUS_NAME, 0)
     except SdBusRequestNameError as e:
