@@ -144,10 +144,11 @@ class Polkit:
         self.proc = None
 
 
-def start_daemon(bus: BusDaemon, root: Path, *extra: str) -> Machined:
+def start_daemon(bus: BusDaemon, root: Path, *extra: str, clean: bool = True) -> Machined:
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    clean_state()
+    if clean:
+        clean_state()
     return Machined(bus, "--scope-backend=cgroupfs", "--stop-timeout=3",
                     f"--image-root={root}", *extra)
 
