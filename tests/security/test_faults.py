@@ -53,10 +53,12 @@ def daemon(bus: BusDaemon, images: Path, sleepers: Sleepers) -> Iterator[Machine
         yield d
     finally:
         sleepers.close()  # leaders first: the daemon collects their machines and scopes
-        if d.proc is not None and d.proc.poll() is None:
-            wait_for(lambda: not list(SLICE.glob("machine-sec*.scope")), 10,
-                     what="the test's scopes to go")
-        errors = stop_daemon(d)
+        try:
+            if d.proc is not None and d.proc.poll() is None:
+                wait_for(lambda: not list(SLICE.glob("machine-sec*.scope")), 10,
+                         what="the test's scopes to go")
+        finally:
+            errors = stop_daemon(d)
     assert not errors, "machined logged unexpected errors:\n" + "\n".join(errors)
 
 
@@ -167,11 +169,13 @@ def test_bus_daemon_going_away(images: Path) -> None:
         assert "secbus" in machine_names(bus)
     finally:
         sleepers.close()
-        if d.proc is not None and d.proc.poll() is None:
-            wait_for(lambda: not (SLICE / "machine-secbus.scope").exists(), 10,
-                     what="the scope to go")
-        errors = stop_daemon(d)
-        bus.stop()
+        try:
+            if d.proc is not None and d.proc.poll() is None:
+                wait_for(lambda: not (SLICE / "machine-secbus.scope").exists(), 10,
+                         what="the scope to go")
+        finally:
+            errors = stop_daemon(d)
+            bus.stop()
     assert not [e for e in errors if "Lost the connection" not in e]
 
 

@@ -260,12 +260,14 @@ def fuzz() -> Iterator[Fuzz]:
         f = Fuzz(bus, daemon, images, sleepers)
         yield f
     finally:
-        if f is not None:
-            f.close()
-        sleepers.close()
-        errors = stop_daemon(daemon)
-        bus.stop()
-        remove_tree(images)
+        try:
+            if f is not None:
+                f.close()
+            sleepers.close()
+            errors = stop_daemon(daemon)
+        finally:
+            bus.stop()
+            remove_tree(images)
     assert not errors, "machined logged unexpected errors:\n" + "\n".join(errors[:20])
 
 
