@@ -33,6 +33,7 @@ from .scopes.systemd1 import Systemd1Backend
 log = logging.getLogger(__name__)
 
 BUS_NAME = "org.freedesktop.machine1"
+BUS_CHECK_INTERVAL = 2.0  # seconds between checks that the bus connection still exists
 
 
 @dataclass
@@ -106,6 +107,8 @@ async def run(options: Options) -> int:
     # Reload before taking the name: 252 reloads with blocking calls, so no client (one that
     # activated us, say) ever sees the machine list before the state files are read.
     await registry.start()
+    if isinstance(backend, CgroupfsBackend):
+        backend.collect_orphans()
     try:
         await bus.request_name_async(BUS_NAME, 0)
     except SdBusRequestNameError as e:
@@ -124,7 +127,22 @@ async def run(options: Options) -> int:
 
         watchdog = loop.create_task(ping())
 
+    # The bus daemon going away (stopped, restarted) leaves us unreachable: exit with an error
+    # so that the unit's Restart= starts us again on the new bus; state files keep the machines.
+    bus_lost = False
+
+    async def watch_bus() -> None:
+        nonlocal bus_lost
+        while await client.connected(bus):
+            await asyncio.sleep(BUS_CHECK_INTERVAL)
+        log.error("Lost the connection to the bus, exiting.")
+        bus_lost = True
+        stop.set()
+
+    bus_watch = loop.create_task(watch_bus())
+
     await stop.wait()
+    bus_watch.cancel()
     log.info("Shutting down.")
     sd_notify("STOPPING=1")
     if watchdog is not None:
@@ -139,4 +157,4 @@ async def run(options: Options) -> int:
     images.close()
     with contextlib.suppress(Exception):
         bus.close()
-    return 0
+    return 1 if bus_lost else 0

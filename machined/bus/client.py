@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sdbus.sd_bus_internals import SdBus, SdBusBaseError
+from sdbus.sd_bus_internals import SdBus, SdBusBaseError, SdBusLibraryError
 
 from ..core.errors import RemoteError
 
@@ -49,3 +49,19 @@ async def name_has_owner(bus: SdBus, name: str) -> bool:
     (has,) = await call(bus, "org.freedesktop.DBus", "/org/freedesktop/DBus",
                         "org.freedesktop.DBus", "NameHasOwner", "s", name)
     return bool(has)
+
+
+async def connected(bus: SdBus) -> bool:
+    """False once the connection to the bus is gone (the bus daemon stopped or restarted):
+    sd-bus then refuses to send at all. Any answer, even an error or a timeout, means the
+    connection is still there."""
+    msg = bus.new_method_call_message("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                      "org.freedesktop.DBus", "GetId")
+    try:
+        await bus.call_async(msg)
+    except SdBusLibraryError:
+        return False
+    except SdBusBaseError:
+        pass
+    return True
+

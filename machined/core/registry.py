@@ -51,6 +51,7 @@ class Registry:
         )
         self._gc_queue: OrderedDict[int, Machine] = OrderedDict()
         self._gc_task: asyncio.Task[None] | None = None
+        self._shutting_down = False
         self._create_waiters: dict[int, asyncio.Future[str]] = {}
         # JobRemoved can overtake the StartTransientUnit reply on our side of the socket.
         self._finished_jobs: OrderedDict[str, str] = OrderedDict()
@@ -107,6 +108,9 @@ class Registry:
 
     async def shutdown(self) -> None:
         """Drop our references on scopes we created; state files stay for the next start."""
+        # Leaders that die from now on are collected by the next start (from the state files):
+        # a collection now would race the bus connection going away.
+        self._shutting_down = True
         if self._gc_task is not None:
             self._gc_task.cancel()
         for m in self:
@@ -260,7 +264,7 @@ class Registry:
 
     # ----------------------------------------------------------------- garbage collection
     def queue_gc(self, m: Machine) -> None:
-        if m is self.host:
+        if m is self.host or self._shutting_down:
             return
         self._gc_queue[id(m)] = m
         if self._gc_task is None or self._gc_task.done():

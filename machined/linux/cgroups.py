@@ -122,6 +122,14 @@ class Hierarchy:
     def exists(self, path: str) -> bool:
         return os.path.isdir(self.fs(path))
 
+    def children(self, path: str) -> list[str]:
+        """Names of the child cgroups of path ([] if path does not exist)."""
+        try:
+            with os.scandir(self.fs(path)) as it:
+                return [e.name for e in it if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return []
+
     def create(self, path: str) -> None:
         os.makedirs(self.fs(path), mode=0o755, exist_ok=True)
 

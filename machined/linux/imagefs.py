@@ -34,6 +34,7 @@ from . import btrfs, dissect
 from . import fs as lfs
 from .imagecache import ScanCache
 from .imagelock import name_lock, path_lock
+from .process import dies_with_daemon
 
 CRTIME_XATTR = "user.crtime_usec"
 QUOTA_ONLY_ON_BTRFS = "Quota is only supported on btrfs."
@@ -327,7 +328,8 @@ def rename(search: SearchPath, image: Image, new_name: str) -> None:
 
 # ------------------------------------------------------------------ cloning
 def _cp(*args: str) -> None:
-    out = subprocess.run(["cp", *args], capture_output=True, text=True, check=False)
+    out = subprocess.run(dies_with_daemon(["cp", *args]), capture_output=True, text=True,
+                         check=False)
     if out.returncode != 0:
         # cp reports strerror() texts: give the client the errno behind the first one known
         err = next((code for code in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,

@@ -83,3 +83,11 @@ class PidfdWatcher:
         for pid in list(self._fds):
             with contextlib.suppress(Exception):
                 self.unwatch(pid)
+
+
+def dies_with_daemon(argv: list[str]) -> list[str]:
+    """argv run so that it gets SIGKILL when the daemon's thread that started it dies: a
+    daemon killed with SIGKILL in the middle of a clone leaves no cp behind (systemd's unit
+    would kill the whole cgroup, but the daemon also runs without it)."""
+    return ["setpriv", "--pdeathsig", "KILL", "--", *argv]
+

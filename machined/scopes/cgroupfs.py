@@ -232,6 +232,21 @@ class CgroupfsBackend:
         m.referenced = owned
         return True
 
+    def collect_orphans(self) -> None:
+        """After the reload: scopes of ours that no machine claims are registrations the daemon
+        was killed in the middle of (after making the scope, before writing the state file).
+        Nobody asked for them to be kept; remove each once it is empty."""
+        slice_path = cgroups.slice_path(DEFAULT_SLICE)
+        for unit in self.hierarchy.children(slice_path):
+            if not unit.startswith("machine-") or not unit.endswith(".scope") \
+                    or unit in self.scopes:
+                continue
+            scope = Scope(unit=unit, path=f"{slice_path}/{unit}", owned=True,
+                          stop_timeout=self.stop_timeout)
+            if not self._forget_if_empty(scope):
+                log.info("Scope %s belongs to no machine; removing it once it is empty.", unit)
+                self._track(scope)
+
     def _remove_stale_scope(self, m: Machine) -> None:
         """A machine dropped at start-up: remove its scope if we made it and it is empty."""
         if m.unit != machine_scope_name(m.name):

@@ -1,0 +1,48 @@
+"""A bus client that sends whatever it is told, as raw messages (sdbus low level).
+
+Run as a child process (possibly as another user, through setpriv): each stdin line is the
+repr() of (destination, path, interface, member, signature, args, flags); each stdout line is the
+repr() of ("ok", reply_values) or ("error", name, message). Bytes, tuples and dicts survive
+repr()/ast.literal_eval, so the test and this client agree on values without a schema.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from typing import Any
+
+from sdbus.sd_bus_internals import SdBus, SdBusBaseError, sd_bus_open_system
+
+from machined.bus.client import remote_error
+
+
+def call(bus: SdBus, request: tuple[Any, ...]) -> tuple[Any, ...]:
+    dest, path, iface, member, sig, args = request[:6]
+    msg = bus.new_method_call_message(dest, path, iface, member)
+    if sig:
+        msg.append_data(sig, *args)
+    try:
+        reply = bus.call(msg)
+    except SdBusBaseError as e:
+        err = remote_error(e)
+        return ("error", err.name, err.message)
+    return ("ok", reply.parse_to_tuple())
+
+
+def main() -> int:
+    bus = sd_bus_open_system()
+    for line in sys.stdin:
+        try:
+            request = ast.literal_eval(line)
+            answer = call(bus, request)
+        except (ValueError, TypeError, OverflowError, SyntaxError) as e:
+            # the client could not even build the message (sdbus refuses the values)
+            answer = ("unsendable", type(e).__name__, str(e))
+        sys.stdout.write(repr(answer) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
