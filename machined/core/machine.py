@@ -60,6 +60,7 @@ class Machine:
     netif: list[int] = field(default_factory=list)
     started: bool = False
     stopping: bool = False
+    finalized: bool = False  # its files are gone; MachineRemoved was sent if it was announced
     # True when this daemon created the scope (systemd1: it holds an AddRef reference).
     referenced: bool = False
 

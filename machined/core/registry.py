@@ -316,10 +316,12 @@ class Registry:
         if m.started:
             log.info("Machine %s terminated.", m.name)
             m.stopping = True
-        if self.units.get(m.unit) in (None, m):
-            self.statedir.remove(m)
-        else:
-            self.statedir.remove(Machine(name=m.name))  # the unit link is another machine's
+        if not m.finalized:
+            if self.units.get(m.unit) in (None, m):
+                self.statedir.remove(m)
+            else:
+                self.statedir.remove(Machine(name=m.name))  # the unit link is another's
+            m.finalized = True
         if m.started:
             m.started = False
             self.listener.machine_removed(m)

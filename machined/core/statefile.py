@@ -123,14 +123,13 @@ class StateDir:
 
     def remove(self, m: Machine) -> None:
         if m.unit:
-            with contextlib.suppress(OSError):
-                (self.path / f"unit:{m.unit}").unlink()
+            self.remove_unit_link(m.unit)
         with contextlib.suppress(OSError):
-            (self.path / m.name).unlink()
+            os.unlink(f"{self.path}/{m.name}")
 
     def remove_unit_link(self, unit: str) -> None:
         with contextlib.suppress(OSError):
-            (self.path / f"unit:{unit}").unlink()
+            os.unlink(f"{self.path}/unit:{unit}")
 
     def load(self) -> Iterator[Machine]:
         """Every machine file the readers would list (§7.4), parsed; not started."""
