@@ -140,11 +140,13 @@ def _copy_dir(src_dir: int, src: str, dst_dir: int, dst: str, replace: bool, own
 def fork_copy(leader: int, host_dir: int, host_name: str, container_path: str, to_container: bool,
               replace: bool, owner: Owner) -> tuple[int, socket.socket]:
     """Fork the copy child; host_dir is the host parent directory, opened by the caller."""
-    target = ns.Target.open(leader, ("mnt",), root=False)
+    target = ns.Target.open(leader, ("mnt",), root=True)
 
     def work(sock: socket.socket) -> None:
         ns.set_name("(sd-copy)")
-        target.enter()  # the mount namespace only: paths resolve from the container's root
+        # The mount namespace and the leader's root (a leader may be chrooted inside its
+        # namespace): container paths resolve from the container's "/", never the host's.
+        target.enter()
         cdir, cname = open_parent(container_path)
         if to_container:
             copy_entry(host_dir, host_name, cdir, cname, replace, owner)

@@ -324,6 +324,15 @@ def test_copy_through_container_symlinks_stays_inside(root: RawClient, procs: Pr
     assert not Path("/root/planted").exists()
     with contextlib.suppress(FileNotFoundError):
         Path("/root/planted").unlink()
+    # and a plain container path is the container's, even for a leader that is only chrooted
+    marker = f"/seccopy-marker-{os.getpid()}"
+    try:
+        assert root.manager("CopyToMachine", "sss", "seccopy", str(src), marker) == ("ok", ())
+        assert (hostile_tree / marker.lstrip("/")).read_text() == "planted\n"
+        assert not Path(marker).exists()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            Path(marker).unlink()
 
 
 def test_no_unprivileged_shell_into_a_machine_in_the_host_user_namespace(

@@ -247,3 +247,59 @@ def test_scope_of_a_registration_cut_short_goes_when_empty(bus: BusDaemon, image
         if scope.exists():
             scope.rmdir()
     assert not errors, "\n".join(errors)
+
+
+def copies_running() -> bool:
+    """A copy child of any machined: named "(sd-copy)" like 252's."""
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == "(sd-copy)":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_sigkill_during_a_copy(bus: BusDaemon, daemon: Machined, busybox_tree: Path,
+                               tmp_path: Path) -> None:
+    """CopyToMachine of 512 MiB, the daemon killed mid-way: its copy child dies with it, the
+    machine is back after the restart, and copies work again."""
+    assert not Path("/big").exists() and not Path("/small").exists()
+    tree = tmp_path / "tree"
+    subprocess.run(["cp", "-a", str(busybox_tree), str(tree)], check=True)
+    leader = subprocess.Popen(["chroot", str(tree), "/bin/sleep", "600"],
+                              start_new_session=True)
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        chunk = os.urandom(8 << 20)
+        for _ in range(64):
+            f.write(chunk)
+    c = RawClient(bus)
+    try:
+        wait_for(lambda: os.readlink(f"/proc/{leader.pid}/root") == str(tree), 5, what="chroot")
+        answer = c.manager("RegisterMachine", "sayssus", "seccopy", b"", "sec", "container",
+                           leader.pid, str(tree))
+        assert answer[0] == "ok", answer
+        call = busctl_call(bus, "CopyToMachine", "sss", "seccopy", str(big), "/big")
+        try:
+            wait_for(lambda: (tree / "big").exists(), 30, 0.002, what="the copy to start")
+            assert copies_running()
+            daemon.kill9()
+        finally:
+            call.communicate(timeout=30)
+        wait_for(lambda: not copies_running(), 10, what="the copy child to die with the daemon")
+        assert (tree / "big").stat().st_size < big.stat().st_size  # cut short, as it should be
+
+        daemon.start()
+        assert "seccopy" in machine_names(bus)
+        (tmp_path / "small").write_text("after the restart\n")
+        c.close()
+        c = RawClient(bus)
+        assert c.manager("CopyToMachine", "sss", "seccopy", str(tmp_path / "small"),
+                         "/small") == ("ok", ())
+        assert (tree / "small").read_text() == "after the restart\n"
+        assert not Path("/big").exists() and not Path("/small").exists()  # the host's root
+    finally:
+        c.close()
+        leader.kill()
+        leader.wait()
