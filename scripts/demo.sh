@@ -64,6 +64,8 @@ systemd-nspawn. Point machinectl (or busctl) at that bus:
     machinectl list
     machinectl status demo
     machinectl show demo
+    machinectl shell demo            # a shell in a container that runs no systemd
+    machinectl copy-from demo /etc/hostname /tmp/demo-hostname
     machinectl kill demo --signal=SIGCONT
     machinectl terminate demo
     busctl tree org.freedesktop.machine1
