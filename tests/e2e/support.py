@@ -18,6 +18,7 @@ from typing import Any
 
 from tests.helpers.busdaemon import REPO, BusDaemon
 from tests.helpers.daemon import STATE_DIR, busctl, cgroup2_mount, wait_for
+from tests.helpers.process import stop_process
 
 DEST = "org.freedesktop.machine1"
 MANAGER_PATH = "/org/freedesktop/machine1"
@@ -200,13 +201,7 @@ class Monitor:
         return found[0]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 5)
         self._thread.join(5)
 
 
@@ -370,13 +365,7 @@ class FakeSystemd1:
         return [c for c in calls if method is None or c["method"] == method]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 5)
         self._log.close()
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from .process import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY_FILE = REPO / "policy" / "org.freedesktop.machine1.conf"
@@ -90,13 +91,7 @@ class BusDaemon:
         return {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": self.address}
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 5)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 

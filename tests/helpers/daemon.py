@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .busdaemon import REPO, BusDaemon
+from .process import stop_process
 
 STATE_DIR = Path("/run/systemd/machines")
 
@@ -73,15 +73,9 @@ class Machined:
 
     def stop(self) -> int:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, 10)
         self.log_file.close()
-        return self.proc.returncode
+        return code
 
     def kill9(self) -> None:
         assert self.proc is not None
