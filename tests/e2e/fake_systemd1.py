@@ -32,6 +32,9 @@ import dbus.service
 from dbusmock import MOCK_IFACE
 from gi.repository import GLib
 
+from machined.core.names import bus_label_escape, bus_label_unescape
+from machined.linux.cgroups import cgroup2_mount, slice_path
+
 BUS_NAME = "org.freedesktop.systemd1"
 MAIN_OBJ = "/org/freedesktop/systemd1"
 MAIN_IFACE = "org.freedesktop.systemd1.Manager"
@@ -51,17 +54,9 @@ _BASIC = {
 }
 
 
-def _cgroup2_mount() -> str:
-    with open("/proc/self/mountinfo") as f:
-        mounts = [line.split() for line in f]
-    found = [m[4] for m in mounts if m[m.index("-") + 1] == "cgroup2"]
-    for preferred in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
-        if preferred in found:
-            return preferred
-    return found[0]
-
-
-CGROOT = _cgroup2_mount()
+_MOUNT = cgroup2_mount()
+assert _MOUNT is not None, "no cgroup2 hierarchy"
+CGROOT = _MOUNT
 
 
 def signature_of(value: Any) -> str:
@@ -91,40 +86,6 @@ def plain(value: Any) -> Any:
     if isinstance(value, float):
         return float(value)
     return str(value)
-
-
-def bus_label_escape(s: str) -> str:
-    if not s:
-        return "_"
-    out = []
-    for i, c in enumerate(s):
-        if c.isascii() and (c.isalpha() or (i > 0 and c.isdigit())):
-            out.append(c)
-        else:
-            out.extend(f"_{b:02x}" for b in c.encode())
-    return "".join(out)
-
-
-def bus_label_unescape(s: str) -> str:
-    if s == "_":
-        return ""
-    out = bytearray()
-    i = 0
-    while i < len(s):
-        if s[i] == "_" and i + 3 <= len(s):
-            out.append(int(s[i + 1:i + 3], 16))
-            i += 3
-        else:
-            out.extend(s[i].encode())
-            i += 1
-    return out.decode(errors="replace")
-
-
-def slice_path(slice_name: str) -> str:
-    if slice_name in ("", "-.slice"):
-        return ""
-    parts = slice_name.removesuffix(".slice").split("-")
-    return "".join("/" + "-".join(parts[: i + 1]) + ".slice" for i in range(len(parts)))
 
 
 def cgroup_pids(cg: str) -> list[int]:

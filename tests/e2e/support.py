@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from machined.core.names import bus_label_escape
 from tests.helpers.busdaemon import REPO, BusDaemon
 from tests.helpers.daemon import STATE_DIR, busctl, cgroup2_mount, wait_for
 from tests.helpers.process import stop_process
@@ -37,18 +38,6 @@ STATE_KEYS = ["NAME", "SCOPE", "SCOPE_JOB", "SERVICE", "ROOT", "ID", "LEADER", "
 
 
 # ------------------------------------------------------------------------------ names
-def bus_label_escape(s: str) -> str:
-    if not s:
-        return "_"
-    out = []
-    for i, c in enumerate(s):
-        if c.isascii() and (c.isalpha() or (i > 0 and c.isdigit())):
-            out.append(c)
-        else:
-            out.extend(f"_{b:02x}" for b in c.encode())
-    return "".join(out)
-
-
 def machine_path(name: str) -> str:
     return f"{MANAGER_PATH}/machine/{bus_label_escape(name)}"
 
