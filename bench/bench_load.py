@@ -125,11 +125,7 @@ def run_clients(address: str, calls: list[CallSpec],
         barrier.wait(timeout=60)
         out = [results.get(timeout=duration + 120) for _ in procs]
     finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        br.join_or_kill(procs)
     lat = sorted(x for r in out for x in r[3])
     res.calls = sum(r[0] for r in out)
     res.errors = sum(r[1] for r in out)

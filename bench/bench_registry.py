@@ -28,6 +28,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import itertools
 import multiprocessing as mp
 import os
 import platform
@@ -45,6 +46,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from tests.helpers.busdaemon import BusDaemon as TestBusDaemon  # noqa: E402 - needs REPO
+from tests.helpers.process import stop_process  # noqa: E402
 
 LOCK_FILE = "/tmp/machined-tests.lock"
 STATE_DIR = Path("/run/systemd/machines")
@@ -168,34 +170,22 @@ def _worker(address: str, calls: Calls, offset: int, duration: float | None,
         return
     done = errors = 0
     first_error = ""
-    n = len(calls)
     t0 = time.monotonic()
-    if duration is None:
-        for member, sig, args in calls:
-            try:
-                call(bus, member, sig, args)
-            except Exception as e:  # noqa: BLE001
-                errors += 1
-                first_error = first_error or f"{member}{args}: {e!r}"
-                if errors >= MAX_ERRORS:
-                    break
-            done += 1
-    else:
-        end = t0 + duration
-        i = offset % n
-        while True:
-            member, sig, args = calls[i]
-            try:
-                call(bus, member, sig, args)
-            except Exception as e:  # noqa: BLE001
-                errors += 1
-                first_error = first_error or f"{member}{args}: {e!r}"
-                if errors >= MAX_ERRORS:
-                    break
-            done += 1
-            i = i + 1 if i + 1 < n else 0
-            if time.monotonic() >= end:
+    # Each call once, or round and round from this caller's offset until the time is up.
+    end = None if duration is None else t0 + duration
+    sequence = calls if end is None else itertools.islice(itertools.cycle(calls),
+                                                          offset % len(calls), None)
+    for member, sig, args in sequence:
+        try:
+            call(bus, member, sig, args)
+        except Exception as e:  # noqa: BLE001
+            errors += 1
+            first_error = first_error or f"{member}{args}: {e!r}"
+            if errors >= MAX_ERRORS:
                 break
+        done += 1
+        if end is not None and time.monotonic() >= end:
+            break
     results.put((done, errors, t0, time.monotonic(), first_error))
 
 
@@ -229,11 +219,7 @@ def run_callers(address: str, calls: Calls, callers: int, duration: float | None
         timeout = 600 if duration is None else duration + 120
         out = [results.get(timeout=timeout) for _ in procs]
     finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        join_or_kill(procs)
     calls_done = sum(r[0] for r in out)
     errors = sum(r[1] for r in out)
     started = [r[2] for r in out if r[2]]
@@ -242,25 +228,21 @@ def run_callers(address: str, calls: Calls, callers: int, duration: float | None
     return Rate(calls_done, seconds, errors, first)
 
 
+def join_or_kill(procs: list[Any]) -> None:
+    """Wait for the caller processes; kill those that do not end within 10 s."""
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
 # --------------------------------------------------------------------------- processes
 class BusDaemon(TestBusDaemon):
     """A private dbus-daemon (type system, open policy) in a temp dir."""
 
     def __init__(self, tag: str) -> None:
         super().__init__("open", prefix=f"machined-bench-{tag}.")
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> int | None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
-    return proc.returncode
 
 
 @dataclass
