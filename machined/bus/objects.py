@@ -153,7 +153,6 @@ class Dispatcher:
     # ------------------------------------------------------------- export
     def export(self, path: str, iface: Interface) -> None:
         vtable = self._vtable(iface, self._callback, _getter)
-        self.unexport(path, iface.name)
         self.bus.add_interface(vtable, path, iface.name)
         self._exports[(path, iface.name)] = vtable
 
@@ -201,11 +200,6 @@ class Dispatcher:
         for sig in iface.signals:
             vtable.add_signal(sig.name, sig.sig, list(sig.names), 0)
         return vtable
-
-    def unexport(self, path: str, interface: str) -> None:
-        vtable = self._exports.pop((path, interface), None)
-        if vtable is not None:
-            vtable._stop_export()
 
     def emit(self, path: str, interface: str, member: str, signature: str, *args: Any) -> None:
         msg = self.bus.new_signal_message(path, interface, member)
