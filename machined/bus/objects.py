@@ -21,6 +21,7 @@ from typing import Any
 import sdbus
 from sdbus.sd_bus_internals import SdBus, SdBusInterface, SdBusMessage
 
+from ..core.eager import Resumed, run_until_wait
 from ..core.errors import UnknownObject
 from . import client
 from .errors import to_dbus
@@ -29,8 +30,8 @@ from .msgflags import allows_interactive_authorization
 
 log = logging.getLogger(__name__)
 
-# What handlers return when they reply later: coroutines (async def) or futures.
-_AWAITABLES = (types.CoroutineType, asyncio.Future)
+# What handlers return when they reply later: futures, or coroutines that had to wait.
+_AWAITABLES = (Resumed, asyncio.Future)
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,11 @@ class Dispatcher:
         def dispatch(msg: SdBusMessage) -> None:
             try:
                 result = method.handler(Call(self, msg), *msg.parse_to_tuple())
+                if type(result) is types.CoroutineType:  # most never wait: see core.eager
+                    finished, result = run_until_wait(result)
+                    if finished:
+                        self._reply(msg, method, result)
+                        return
                 if isinstance(result, _AWAITABLES):  # cheaper than inspect.isawaitable
                     task = asyncio.get_running_loop().create_task(
                         self._finish(msg, method, result))

@@ -77,6 +77,7 @@ def bus_label_unescape(label: str) -> str:
 
 
 _UNIT_OK = frozenset(string.ascii_letters + string.digits + ":_.")
+_UNIT_PREFIX_CHARS = _UNIT_OK | {"-", "\\", "@"}
 
 
 def unit_name_escape(s: str) -> str:
@@ -105,8 +106,7 @@ def unit_name_is_valid(name: str) -> bool:
     prefix, dot, suffix = name.rpartition(".")
     if not dot or not prefix or suffix not in _UNIT_SUFFIXES:
         return False
-    allowed = _UNIT_OK | {"-", "\\", "@"}
-    if not all(c in allowed for c in prefix):
+    if not _UNIT_PREFIX_CHARS.issuperset(prefix):
         return False
     if "@" in prefix:
         template, _, _instance = prefix.partition("@")
@@ -120,6 +120,7 @@ _UNIT_SUFFIXES = frozenset(
 )
 
 
+_NEEDS_CESCAPE = re.compile("[^\x20-\x7e]|[\\\\\"']")
 _CESCAPE = {
     "\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v",
     "\\": "\\\\", '"': '\\"', "'": "\\'",
@@ -128,6 +129,8 @@ _CESCAPE = {
 
 def cescape(s: str) -> str:
     """cescape(): C escapes for the usual characters, octal for other bytes < 0x20 or >= 0x7f."""
+    if not _NEEDS_CESCAPE.search(s):  # the usual case, for every state file written
+        return s
     out = []
     for b in s.encode("utf-8", errors="surrogateescape"):
         c = chr(b)

@@ -16,7 +16,9 @@ import errno
 import logging
 from collections import OrderedDict
 from collections.abc import Iterator
+from typing import Any
 
+from . import eager
 from .errors import ErrnoError, JobFailed, MachinedError, MachineExists
 from .machine import Machine, MachineClass, Timestamp
 from .ports import ProcessWatcher, RegistryListener, ScopeBackend, ScopeProperties
@@ -51,6 +53,7 @@ class Registry:
         )
         self._gc_queue: OrderedDict[int, Machine] = OrderedDict()
         self._gc_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # releases that wait for systemd
         self._shutting_down = False
         self._create_waiters: dict[int, asyncio.Future[str]] = {}
         # JobRemoved can overtake the StartTransientUnit reply on our side of the socket.
@@ -113,6 +116,8 @@ class Registry:
         self._shutting_down = True
         if self._gc_task is not None:
             self._gc_task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
         for m in self:
             if m.referenced:
                 with contextlib.suppress(Exception):
@@ -221,7 +226,7 @@ class Registry:
 
     def unregister(self, m: Machine) -> None:
         """Forget the machine now; its unit keeps running (§6.9)."""
-        self._finalize(m)
+        self._drop(m)
 
     # ----------------------------------------------------------------- events from outside
     def job_removed(self, job: str, unit: str, result: str) -> None:
@@ -302,11 +307,19 @@ class Registry:
             except MachinedError as e:
                 log.warning("Failed to stop machine %s: %s", m.name, e.message)
         if self.machines.get(m.name) is m and await self._may_gc(m, drop_not_started):
-            owns_unit = self.units.get(m.unit) is m
-            self._finalize(m)
-            self._free(m)
-            if m.referenced or owns_unit:
-                await self.backend.release(m)
+            self._drop(m)
+
+    def _drop(self, m: Machine) -> None:
+        """Finalize and free m; the backend forgets its scope, in the background if that means
+        waiting for systemd."""
+        owns_unit = self.units.get(m.unit) is m
+        self._finalize(m)
+        if m is self.host:  # never leaves the table
+            return
+        self._free(m)
+        if m.referenced or owns_unit:
+            eager.spawn(self.backend.release(m), self._tasks,
+                        f"Releasing the unit of machine {m.name}")
 
     def _finalize(self, m: Machine) -> None:
         """Files unlinked, MachineRemoved emitted (if it was announced)."""
@@ -325,7 +338,6 @@ class Registry:
         if m.started:
             m.started = False
             self.listener.machine_removed(m)
-        self.queue_gc(m)
 
     def _free(self, m: Machine) -> None:
         self._gc_queue.pop(id(m), None)

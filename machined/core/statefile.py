@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = Path("/run/systemd/machines")
 HEADER = "# This is private data. Do not parse.\n"
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 def serialize(m: Machine) -> str:
@@ -94,16 +95,14 @@ class StateDir:
         the temp file and the state file, as machined does."""
         # Plain strings and os calls, not pathlib: this runs for every registration.
         directory = str(self.path)
-        try:
-            os.mkdir(directory, 0o755)
-        except FileExistsError:
-            pass
-        except OSError:
-            self.ensure()  # missing parents
         final = f"{directory}/{m.name}"
         tmp = f"{directory}/.#{m.name}{os.urandom(3).hex()}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(tmp, _CREATE, 0o644)
+            except FileNotFoundError:  # somebody removed the directory
+                self.ensure()
+                fd = os.open(tmp, _CREATE, 0o644)
             try:
                 os.write(fd, serialize(m).encode("utf-8", errors="surrogateescape"))
                 os.fchmod(fd, 0o644)

@@ -14,6 +14,7 @@ from functools import cache
 
 from ..core.errors import ErrnoError
 from ..core.names import unit_name_is_valid
+from .process import read_proc
 
 
 @cache
@@ -39,23 +40,26 @@ def cgroup2_mount() -> str | None:
 def pid_cgroup(pid: int) -> str:
     """The cgroup2 ("0::") path of pid, else its name=systemd path. ESRCH if pid is gone."""
     try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            lines = f.read().splitlines()
+        text = read_proc(pid, "cgroup").decode("utf-8", "surrogateescape")
     except FileNotFoundError:
         raise ErrnoError(errno.ESRCH) from None
     except OSError as e:
         raise ErrnoError.from_oserror(e) from None
-    legacy = None
-    for line in lines:
-        hid, _, rest = line.partition(":")
+    # Found directly rather than by splitting every line: this runs for every registration.
+    if text.startswith("0::"):
+        start = 3
+    else:
+        at = text.find("\n0::")
+        start = at + 4 if at >= 0 else -1
+    if start >= 0:
+        end = text.find("\n", start)
+        return text[start:] if end < 0 else text[start:end]
+    for line in text.splitlines():
+        _hid, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
-        if hid == "0" and controllers == "":
-            return path
         if controllers == "name=systemd":
-            legacy = path
-    if legacy is None:
-        raise ErrnoError(errno.ENOMEDIUM)
-    return legacy
+            return path
+    raise ErrnoError(errno.ENOMEDIUM)
 
 
 @cache
@@ -228,8 +232,7 @@ def procs_files_of(pid: int) -> list[str]:
     """The cgroup.procs files that put a process where pid is: its cgroup2 cgroup and, on
     hybrid hosts, its name=systemd cgroup (what the tools inside a container look at)."""
     try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            lines = f.read().splitlines()
+        lines = read_proc(pid, "cgroup").decode("utf-8", "surrogateescape").splitlines()
     except OSError as e:
         raise ErrnoError.from_oserror(e) from None
     mounts = _named_mounts()

@@ -13,11 +13,30 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 
+_PROC_READ_SIZE = 16384
+
+
+def read_proc(pid: int, name: str) -> bytes:
+    """/proc/PID/NAME in one read where it fits: open() and read() of a file object read a
+    second time to see the end, and each read of these files makes the kernel generate all of
+    it again. This runs for every registration and lookup by PID."""
+    fd = os.open(f"/proc/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, _PROC_READ_SIZE)
+        if len(data) < _PROC_READ_SIZE:
+            return data
+        chunks = [data]
+        while chunk := os.read(fd, _PROC_READ_SIZE):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def pid_exists(pid: int) -> bool:
     """True if pid runs and is not a zombie."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        stat = read_proc(pid, "stat")
     except OSError:
         return False
     state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
@@ -27,17 +46,22 @@ def pid_exists(pid: int) -> bool:
 def parent_pid(pid: int) -> int:
     """The parent of pid, or 0 if pid is gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        stat = read_proc(pid, "stat")
     except OSError:
         return 0
     return int(stat[stat.rfind(b")") + 2 :].split()[1])
 
 
 class PidfdWatcher:
+    """Leaders' pidfds in an epoll set of our own, which the event loop watches as one fd:
+    watching a leader is then two system calls, not an asyncio reader registration each."""
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._fds: dict[int, int] = {}
+        self._epoll = select.epoll()
+        self._fds: dict[int, int] = {}  # pid -> pidfd
+        self._on_exit: dict[int, tuple[int, Callable[[], None]]] = {}  # pidfd -> (pid, handler)
+        loop.add_reader(self._epoll.fileno(), self._exited)
 
     def watch(self, pid: int, on_exit: Callable[[], None]) -> bool:
         if pid in self._fds:
@@ -46,23 +70,28 @@ class PidfdWatcher:
             fd = os.pidfd_open(pid)
         except OSError:
             return False
+        self._fds[pid] = fd
+        self._on_exit[fd] = (pid, on_exit)
+        self._epoll.register(fd, select.EPOLLIN)
+        return True
 
-        def readable() -> None:
-            self._loop.remove_reader(fd)
+    def _exited(self) -> None:
+        for fd, _events in self._epoll.poll(0):
+            entry = self._on_exit.pop(fd, None)
+            if entry is None:
+                continue
+            self._epoll.unregister(fd)  # once is enough; the pidfd stays open until unwatch
+            pid, on_exit = entry
             try:
                 on_exit()
             except Exception:
                 log.exception("Exit handler of PID %d failed", pid)
 
-        self._fds[pid] = fd
-        self._loop.add_reader(fd, readable)
-        return True
-
     def unwatch(self, pid: int) -> None:
         fd = self._fds.pop(pid, None)
         if fd is not None:
-            self._loop.remove_reader(fd)
-            os.close(fd)
+            self._on_exit.pop(fd, None)
+            os.close(fd)  # which also takes it out of the epoll set
 
     def alive(self, pid: int) -> bool:
         fd = self._fds.get(pid)
@@ -83,6 +112,8 @@ class PidfdWatcher:
         for pid in list(self._fds):
             with contextlib.suppress(Exception):
                 self.unwatch(pid)
+        self._loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()
 
 
 def dies_with_daemon(argv: list[str]) -> list[str]:

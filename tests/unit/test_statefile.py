@@ -73,6 +73,16 @@ def test_save_is_atomic_and_links_unit(tmp_path: Path) -> None:
     assert list((tmp_path / "machines").iterdir()) == []
 
 
+def test_save_recreates_a_removed_directory(tmp_path: Path) -> None:
+    d = StateDir(tmp_path / "run" / "machines")  # parents missing too
+    d.save(sample())
+    assert (tmp_path / "run" / "machines" / "spec-ct").read_text() == serialize(sample())
+    d.remove(sample())
+    (tmp_path / "run" / "machines").rmdir()
+    d.save(sample())
+    assert (tmp_path / "run" / "machines" / "spec-ct").exists()
+
+
 def test_load_skips_hidden_backup_and_invalid(tmp_path: Path) -> None:
     for name in (".#tmp", "a~", "bad_name", "unit:x.scope", "good", "x.dpkg-old"):
         (tmp_path / name).write_text("CLASS=container\nLEADER=5\n")
