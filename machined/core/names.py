@@ -10,20 +10,16 @@ HOST_NAME_MAX = 64
 NAME_MAX = 255
 
 _NOT_IN_IMAGE_NAME = re.compile("[/\x00-\x1f\x7f]")
-_LABEL_CHARS = frozenset(string.ascii_letters + string.digits + "-")
 
 
 def machine_name_is_valid(name: str) -> bool:
     """hostname_is_valid(name, 0): dot-separated labels of [A-Za-z0-9-], no label starts or ends
     with '-', at most 64 bytes. '.host' is not a valid machine name."""
-    if not name or len(name.encode()) > HOST_NAME_MAX:
-        return False
-    for label in name.split("."):
-        if not label or label[0] == "-" or label[-1] == "-":
-            return False
-        if not all(c in _LABEL_CHARS for c in label):
-            return False
-    return True
+    return len(name) <= HOST_NAME_MAX and _HOSTNAME.match(name) is not None
+
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\Z")
 
 
 def image_name_is_valid(name: str) -> bool:
@@ -44,19 +40,21 @@ def bus_label_escape(s: str) -> str:
     position) become '_' + two lowercase hex digits."""
     if not s:
         return "_"
-    out = []
-    for i, b in enumerate(s.encode("utf-8")):
-        c = chr(b)
-        if ("a" <= c <= "z") or ("A" <= c <= "Z") or (i > 0 and "0" <= c <= "9"):
-            out.append(c)
-        else:
-            out.append(f"_{b:02x}")
-    return "".join(out)
+    raw = s.encode("utf-8")
+    if raw.isalnum() and not raw[:1].isdigit():  # the usual name needs no escape
+        return s
+    head = raw[:1] if raw[:1].isalpha() else b"_%02x" % raw[0]
+    return (head + _NOT_LABEL.sub(lambda c: b"_%02x" % c[0][0], raw[1:])).decode("ascii")
+
+
+_NOT_LABEL = re.compile(rb"[^A-Za-z0-9]")
 
 
 def bus_label_unescape(label: str) -> str:
     if label == "_":
         return ""
+    if "_" not in label:
+        return label
     out = bytearray()
     i = 0
     raw = label.encode("utf-8")

@@ -23,6 +23,9 @@ class MachineSpec:
     netif: tuple[int, ...]
 
 
+_CLASSES = {"container": MachineClass.CONTAINER, "vm": MachineClass.VM}
+
+
 def machine_spec(
     name: str,
     id_: bytes,
@@ -42,8 +45,8 @@ def machine_spec(
             raise InvalidArgs(f"Invalid network interface index {ifindex}")
     if cls == "":
         klass = MachineClass.UNKNOWN  # accepted here, fails to start later (EOPNOTSUPP)
-    elif cls in ("container", "vm"):
-        klass = MachineClass(cls)
+    elif cls in _CLASSES:
+        klass = _CLASSES[cls]
     else:
         # Debian's fix for CVE-2026-4105 rejects "host" here too.
         raise InvalidArgs("Invalid machine class parameter")

@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from machined.core.names import (
     bus_label_escape,
@@ -67,3 +69,36 @@ def test_hidden_or_backup() -> None:
         assert hidden_or_backup_file(name)
     for name in ("foo", "unit:machine-foo.scope", "a.b"):
         assert not hidden_or_backup_file(name)
+
+
+# The fast paths of the functions above against the rules written out byte by byte.
+def _label_rule(s: str) -> str:
+    if not s:
+        return "_"
+    return "".join(chr(b) if chr(b).isascii() and (chr(b).isalpha() or (i and chr(b).isdigit()))
+                   else f"_{b:02x}" for i, b in enumerate(s.encode()))
+
+
+def _hostname_rule(name: str) -> bool:
+    ok = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
+    return 0 < len(name.encode()) <= 64 and all(
+        label and label[0] != "-" and label[-1] != "-" and set(label) <= ok
+        for label in name.split("."))
+
+
+def _cescape_rule(s: str) -> str:
+    table = {7: "\\a", 8: "\\b", 12: "\\f", 10: "\\n", 13: "\\r", 9: "\\t", 11: "\\v",
+             92: "\\\\", 34: '\\"', 39: "\\'"}
+    return "".join(table.get(b) or (f"\\{b:03o}" if b < 0x20 or b >= 0x7F else chr(b))
+                   for b in s.encode("utf-8", "surrogateescape"))
+
+
+_NAMEISH = st.text(alphabet=st.sampled_from("aZ09-._/é \t\\\"'\x7f"), max_size=70)
+
+
+@given(st.one_of(_NAMEISH, st.text(max_size=20)))
+def test_fast_paths_follow_the_rules(s: str) -> None:
+    assert bus_label_escape(s) == _label_rule(s)
+    assert bus_label_unescape(bus_label_escape(s)) == s
+    assert machine_name_is_valid(s) == _hostname_rule(s)
+    assert cescape(s) == _cescape_rule(s)

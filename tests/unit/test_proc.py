@@ -3,6 +3,7 @@
 import errno
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -52,8 +53,11 @@ def test_read_proc_reads_files_longer_than_one_read() -> None:
     big = "x" * 50_000
     p = subprocess.Popen(["sleep", "30"], env={"BIG": big})
     try:
-        with open(f"/proc/{p.pid}/environ", "rb") as f:
-            expected = f.read()
+        deadline = time.monotonic() + 10
+        expected = b""
+        while not expected and time.monotonic() < deadline:  # until the exec has set it up
+            with open(f"/proc/{p.pid}/environ", "rb") as f:
+                expected = f.read()
         assert len(expected) > 50_000
         assert process.read_proc(p.pid, "environ") == expected
     finally:
