@@ -209,48 +209,35 @@ class Dispatcher:
 
     # ------------------------------------------------------------- dispatch
     def _callback(self, method: Method) -> Callable[[SdBusMessage], None]:
+        handler = method.handler
+        reply = _replier(method)
+
         def dispatch(msg: SdBusMessage) -> None:
             try:
-                result = method.handler(Call(self, msg), *msg.parse_to_tuple())
+                result = handler(Call(self, msg), *msg.parse_to_tuple())
                 if type(result) is types.CoroutineType:  # most never wait: see core.eager
                     finished, result = run_until_wait(result)
                     if finished:
-                        self._reply(msg, method, result)
+                        reply(msg, result)
                         return
                 if isinstance(result, _AWAITABLES):  # cheaper than inspect.isawaitable
                     task = asyncio.get_running_loop().create_task(
-                        self._finish(msg, method, result))
+                        self._finish(msg, reply, result))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                     return
-                self._reply(msg, method, result)
+                reply(msg, result)
             except BaseException as e:  # noqa: BLE001 - every failure becomes a reply
                 self._reply_error(msg, e)
 
         return dispatch
 
-    async def _finish(self, msg: SdBusMessage, method: Method, awaitable: Any) -> None:
+    async def _finish(self, msg: SdBusMessage, reply: Callable[[SdBusMessage, Any], None],
+                      awaitable: Any) -> None:
         try:
-            result = await awaitable
-            self._reply(msg, method, result)
+            reply(msg, await awaitable)
         except BaseException as e:  # noqa: BLE001
             self._reply_error(msg, e)
-
-    @staticmethod
-    def _reply(msg: SdBusMessage, method: Method, result: Any) -> None:
-        try:
-            if not msg.expect_reply:
-                return
-            reply = msg.create_reply()
-            if len(method.out_names) > 1:
-                reply.append_data(method.out_sig, *result)
-            elif method.out_sig:  # one result (Image methods leave it unnamed, as 252 does)
-                reply.append_data(method.out_sig, result)
-            reply.send()
-        finally:
-            # sd-bus sends copies of the file descriptors of a reply ('h'): close ours
-            if "h" in method.out_sig:
-                _close_fds(method.out_sig, result)
 
     @staticmethod
     def _reply_error(msg: SdBusMessage, exc: BaseException) -> None:
@@ -265,6 +252,30 @@ class Dispatcher:
     async def drain(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+def _replier(method: Method) -> Callable[[SdBusMessage, Any], None]:
+    """How `method` sends its result, worked out once rather than per call."""
+    sig = method.out_sig
+    several = len(method.out_names) > 1
+    has_fds = "h" in sig
+
+    def reply(msg: SdBusMessage, result: Any) -> None:
+        try:
+            if not msg.expect_reply:
+                return
+            message = msg.create_reply()
+            if several:
+                message.append_data(sig, *result)
+            elif sig:  # one result (Image methods leave it unnamed, as 252 does)
+                message.append_data(sig, result)
+            message.send()
+        finally:
+            # sd-bus sends copies of the file descriptors of a reply ('h'): close ours
+            if has_fds:
+                _close_fds(sig, result)
+
+    return reply
 
 
 def _close_fds(signature: str, result: Any) -> None:
