@@ -35,6 +35,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -297,6 +298,15 @@ class Daemon:
     def rss_kib(self) -> int:
         return proc_status(self.pid, "VmRSS")
 
+    def cpu_seconds(self) -> float:
+        """CPU time the daemon's threads have used so far, to the nanosecond (schedstat, where
+        /proc/PID/stat counts in clock ticks of 10 ms)."""
+        total = 0
+        for task in os.listdir(f"/proc/{self.pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{self.pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total / 1e9
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
@@ -368,8 +378,10 @@ METHODS = ("GetMachine", "GetMachineByPID", "ListMachines")
 @dataclass
 class Result:
     tag: str
-    values: dict[str, float] = field(default_factory=dict)  # best of the rounds for rates
-    samples: dict[str, list[float]] = field(default_factory=dict)  # every round
+    values: dict[str, float] = field(default_factory=dict)  # medians of rates; memory figures
+    samples: dict[str, list[float]] = field(default_factory=dict)  # every slice's rate
+    cpu: dict[str, list[tuple[float, int]]] = field(default_factory=dict)  # (CPU s, calls)
+    ratios: dict[str, list[float]] = field(default_factory=dict)  # ours / real, slice by slice
     problems: list[str] = field(default_factory=list)
 
 
@@ -424,17 +436,23 @@ class Subject:
             "ListMachines": [("ListMachines", "", ())],
         }
 
-    def measure(self, key: str, calls: Calls, callers: int, duration: float | None) -> None:
+    def measure(self, key: str, calls: Calls, callers: int, duration: float | None) -> float:
+        """One slice of a measurement; returns its rate."""
+        assert self.daemon is not None
         with self.profiling(key):
+            cpu0 = self.daemon.cpu_seconds()
             rate = run_callers(self.address, calls, callers, duration)
-        what = key
+            cpu = self.daemon.cpu_seconds() - cpu0
         if rate.errors:
-            self.res.problems.append(f"{what}: {rate.errors} of {rate.calls} calls failed, "
+            self.res.problems.append(f"{key}: {rate.errors} of {rate.calls} calls failed, "
                                      f"first: {rate.first_error}")
-        log(f"  {self.tag}: {what}: {rate.calls} calls in {rate.seconds:.2f} s = "
-            f"{rate.per_second:,.0f}/s" + (f", {rate.errors} errors" if rate.errors else ""))
+        log(f"  {self.tag}: {key}: {rate.calls} calls in {rate.seconds:.2f} s = "
+            f"{rate.per_second:,.0f}/s, daemon CPU {cpu / max(rate.calls, 1) * 1e6:.0f} µs/call"
+            + (f", {rate.errors} errors" if rate.errors else ""))
         self.res.samples.setdefault(key, []).append(rate.per_second)
-        self.res.values[key] = max(self.res.samples[key])
+        self.res.values[key] = statistics.median(self.res.samples[key])
+        self.res.cpu.setdefault(key, []).append((cpu, rate.calls))
+        return rate.per_second
 
     @contextlib.contextmanager
     def profiling(self, key: str) -> Any:
@@ -476,19 +494,11 @@ class Subject:
             self.res.samples.setdefault(f"{name}_{key}", []).append(value)
             self.res.values[f"{name}_{key}"] = value
 
-    def register(self) -> None:
-        self.measure("register", self.calls["register"], 1, None)
+    def check_count(self, expected: int, after: str) -> None:
         count = list_count(self.address)
-        if count != self.args.machines + 1:
-            self.res.problems.append(f"after registration ListMachines has {count} entries, "
-                                     f"expected {self.args.machines + 1}")
-
-    def unregister(self) -> None:
-        self.measure("unregister", self.calls["unregister"], 1, None)
-        count = list_count(self.address)
-        if count != 1:
-            self.res.problems.append(f"after unregistration ListMachines has {count} entries, "
-                                     "expected 1 (.host)")
+        if count != expected:
+            self.res.problems.append(f"after {after} ListMachines has {count} entries, "
+                                     f"expected {expected}")
 
     def teardown(self) -> None:
         if self.daemon is not None:
@@ -513,25 +523,56 @@ class Subject:
             self.bus.stop()
 
 
+def measure_pair(subjects: list[Subject], key: str, calls_of: Any, callers: int,
+                 duration: float | None, turn: int) -> None:
+    """One slice for each daemon, one right after the other (who goes first alternates), so
+    that load from elsewhere on the machine hits both alike; with two daemons the slice's
+    ratio ours / real goes into the figures."""
+    order = subjects if turn % 2 == 0 else subjects[::-1]
+    rates = {s.tag: s.measure(key, calls_of(s), callers, duration) for s in order}
+    if "real" in rates and "ours" in rates and rates["real"] > 0:
+        ours = next(s for s in subjects if s.tag == "ours")
+        ours.res.ratios.setdefault(key, []).append(rates["ours"] / rates["real"])
+
+
 def run_rounds(subjects: list[Subject], args: argparse.Namespace) -> None:
-    """Both daemons run side by side; every measurement alternates between them, and each
-    round repeats the whole cycle (register, lookups, unregister), so that load from elsewhere
-    on the machine hits both alike. Rates are the best of the rounds."""
+    """Both daemons run side by side. Each round registers all machines, measures the lookups
+    and unregisters all. Every measurement is cut into slices (registrations in --chunks
+    chunks, lookups in --slices slices of the duration) that alternate between the daemons;
+    the figures are medians over all slices, and the ratio is the median of the slices'
+    ratios: on a shared machine whose speed changes from second to second, paired slices
+    compare the two daemons under the same load."""
     for s in subjects:
         s.setup()
+    n = args.machines
+    bounds = [n * i // args.chunks for i in range(args.chunks + 1)]
+
+    def chunk(kind: str, i: int) -> Any:
+        return lambda s: s.calls[kind][bounds[i]:bounds[i + 1]]
+
+    turn = 0
     for r in range(args.rounds):
         log(f"=== round {r + 1}/{args.rounds}")
+        for i in range(args.chunks):
+            measure_pair(subjects, "register", chunk("register", i), 1, None, turn)
+            turn += 1
         for s in subjects:
-            s.register()
+            s.check_count(n + 1, "registration")
         time.sleep(0.5)
         for s in subjects:
             s.snapshot("registered")
         for method in METHODS:
             for callers in (1, args.callers):
-                for s in subjects:
-                    s.measure(f"{method}/{callers}", s.calls[method], callers, args.duration)
+                for _ in range(args.slices):
+                    measure_pair(subjects, f"{method}/{callers}",
+                                 lambda s, m=method: s.calls[m], callers,
+                                 args.duration / args.slices, turn)
+                    turn += 1
+        for i in range(args.chunks):
+            measure_pair(subjects, "unregister", chunk("unregister", i), 1, None, turn)
+            turn += 1
         for s in subjects:
-            s.unregister()
+            s.check_count(1, "unregistration")
         time.sleep(0.5)
         for s in subjects:
             s.snapshot("end")
@@ -586,44 +627,72 @@ def table(real: Result | None, ours: Result | None,
         label = label_of(label, args)
         a = real.values.get(key) if real else None
         b = ours.values.get(key) if ours else None
-        ratio = f"{b / a:.2f}" if a and b is not None else "–"
-        if a and b is not None:
-            if kind == "rate" and b < a:
-                misses.append(f"{label}: ours is {b / a:.2f}x the real daemon")
-            if kind == "mem" and b > 4 * a:
-                misses.append(f"{label}: ours uses {b / a:.1f}x the real daemon's RSS (> 4x)")
-        lines.append(f"| {label} | {fmt(kind, a)} | {fmt(kind, b)} | {ratio} |")
+        paired = ours.ratios.get(key) if ours else None
+        r = statistics.median(paired) if kind == "rate" and paired else (
+            b / a if a and b is not None else None)
+        if r is not None:
+            if kind == "rate" and r < 1:
+                misses.append(f"{label}: ours is {r:.2f}x the real daemon")
+            if kind == "mem" and r > 4:
+                misses.append(f"{label}: ours uses {r:.1f}x the real daemon's RSS (> 4x)")
+        lines.append(f"| {label} | {fmt(kind, a)} | {fmt(kind, b)} | "
+                     f"{'–' if r is None else f'{r:.2f}'} |")
     return "\n".join(lines) + "\n", misses
 
 
-def rounds_table(results: dict[str, Result], args: argparse.Namespace) -> str:
-    """Every round's value of every rate, to show the spread behind the best-of figures."""
+def cpu_table(results: dict[str, Result], args: argparse.Namespace) -> str:
+    """Daemon CPU time (user + system) per call: what each call costs the daemon itself,
+    which the machine's load moves far less than the rates."""
     tags = list(results)
-    lines = ["| metric | " + " | ".join(f"{'real 252' if t == 'real' else t}, each round"
+    lines = ["| call | " + " | ".join("real 252" if t == "real" else t for t in tags)
+             + (" | ratio |" if len(tags) == 2 else " |"),
+             "|---|" + "---:|" * (len(tags) + (1 if len(tags) == 2 else 0))]
+    for key, label, kind in ROWS:
+        if kind != "rate":
+            continue
+        key = key.replace("/C", f"/{args.callers}")
+        per_call = []
+        for t in tags:
+            pairs = results[t].cpu.get(key, [])
+            calls = sum(c for _, c in pairs)
+            per_call.append(sum(sec for sec, _ in pairs) / calls * 1e6 if calls else None)
+        cells = ["–" if v is None else f"{v:,.0f}" for v in per_call]
+        if len(tags) == 2:
+            a, b = per_call
+            cells.append(f"{b / a:.2f}" if a and b is not None else "–")
+        lines.append(f"| {label_of(label, args).replace(' calls/s', '').replace(' /s', '')} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def spread_table(results: dict[str, Result], args: argparse.Namespace) -> str:
+    """The slices behind the medians: lowest / median / highest rate of each daemon."""
+    tags = list(results)
+    lines = ["| metric | " + " | ".join(f"{'real 252' if t == 'real' else t}: min / median / max"
                                          for t in tags) + " |",
              "|---|" + "---:|" * len(tags)]
     for key, label, kind in ROWS:
+        if kind != "rate":
+            continue
         key = key.replace("/C", f"/{args.callers}")
-        if kind != "rate" and not key.startswith("rss_"):
-            continue
-        if key in ("rss_idle", "rss_registered_first"):
-            continue
-        if key.startswith("rss_"):
-            label = label.replace(" (round {R})", "")
         cells = []
         for t in tags:
             vals = results[t].samples.get(key, [])
-            cells.append(" / ".join(fmt(kind, v) for v in vals) or "–")
+            cells.append(" / ".join(fmt(kind, v) for v in (min(vals), statistics.median(vals),
+                                                           max(vals))) if vals else "–")
         lines.append(f"| {label_of(label, args)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_docs(path: Path, tbl: str, rounds: str, misses: list[str], problems: list[str],
-               args: argparse.Namespace, runtime: float, started: datetime.datetime) -> None:
+def write_docs(path: Path, tbl: str, cpu: str, spread: str, misses: list[str],
+               problems: list[str], args: argparse.Namespace, runtime: float,
+               started: datetime.datetime) -> None:
     cmd = "sudo .venv/bin/python bench/bench_registry.py" + (" --quick" if args.quick else "")
     for opt, value, default in (("--machines", args.machines, 100 if args.quick else 1000),
                                 ("--duration", args.duration, 1.0 if args.quick else 2.0),
                                 ("--rounds", args.rounds, 1 if args.quick else 3),
+                                ("--slices", args.slices, 2 if args.quick else 4),
+                                ("--chunks", args.chunks, 2 if args.quick else 10),
                                 ("--callers", args.callers, 16)):
         if value != default:
             cmd += f" {opt} {value:g}"
@@ -640,18 +709,24 @@ def write_docs(path: Path, tbl: str, rounds: str, misses: list[str], problems: l
         f"caller; lookups for {args.duration:g} s each with 1 and with {args.callers} callers "
         "(one process and bus connection each, synchronous calls, replies not parsed, the same "
         "client code for both daemons). Each daemon has its own private dbus-daemon and a tmpfs "
-        "over /run/systemd/machines. Both daemons run side by side and every measurement "
-        f"alternates between them; {args.rounds} round(s) of register → lookups → unregister, "
-        "rates are the best round.",
+        f"over /run/systemd/machines. Both daemons run side by side; {args.rounds} round(s) of "
+        "register → lookups → unregister. Every measurement is cut into slices that alternate "
+        f"between the daemons (registrations in {args.chunks} chunks, lookups in "
+        f"{args.slices} slices): rates are medians over all slices, and the ratio is the "
+        "median of the paired slices' ratios, which compares the daemons under the same load "
+        "on a machine whose speed changes from second to second.",
         f"- Benchmark runtime: {runtime:.0f} s",
         f"- How to run: `{cmd}` (root; see bench/README.md)",
         "",
         "ratio = ours / real. Targets: every call path ≥ 1.00, RSS ≤ 4.00.",
         "",
         tbl,
-        "Every round (rates per second, RSS in MiB):",
+        "Daemon CPU time (user + system) per call in µs, lower is better; ratio = ours / real:",
         "",
-        rounds,
+        cpu,
+        "Spread of the slices (calls per second):",
+        "",
+        spread,
     ]
     if misses:
         text += ["Targets missed in this run:", ""] + [f"- {m}" for m in misses] + [""]
@@ -705,8 +780,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=None,
                    help="seconds per lookup measurement (default 2, --quick 1)")
     p.add_argument("--rounds", type=int, default=None,
-                   help="rounds of register/lookups/unregister; rates are the best round "
-                        "(default 3, --quick 1)")
+                   help="rounds of register/lookups/unregister (default 3, --quick 1)")
+    p.add_argument("--slices", type=int, default=None,
+                   help="slices per lookup measurement, alternating between the daemons "
+                        "(default 4, --quick 2)")
+    p.add_argument("--chunks", type=int, default=None,
+                   help="chunks of the registrations and unregistrations, alternating between "
+                        "the daemons (default 10, --quick 2)")
     p.add_argument("--callers", type=int, default=16, help="concurrent callers (default 16)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 100 machines, 1 round, 1 s per measurement, docs not written")
@@ -731,6 +811,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.duration = 1.0 if args.quick else 2.0
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
+    if args.slices is None:
+        args.slices = 2 if args.quick else 4
+    if args.chunks is None:
+        args.chunks = 2 if args.quick else 10
     if args.output is None and not args.quick:
         args.output = DEFAULT_DOCS
     if args.no_docs or args.profile:
@@ -741,8 +825,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                       shutil.which("py-spy"))
         if not args.py_spy:
             p.error("--profile needs py-spy (.venv/bin/pip install py-spy)")
-    if args.machines < 1 or args.callers < 1 or args.duration <= 0 or args.rounds < 1:
-        p.error("--machines, --callers, --duration and --rounds must be positive")
+    if (args.machines < 1 or args.callers < 1 or args.duration <= 0 or args.rounds < 1
+            or args.slices < 1 or not 1 <= args.chunks <= args.machines):
+        p.error("--machines, --callers, --duration, --rounds, --slices and --chunks must be "
+                "positive, and --chunks at most --machines")
     return args
 
 
@@ -813,7 +899,8 @@ def main(argv: list[str] | None = None) -> int:
             r.values["rss_registered_first"] = r.samples["rss_registered"][0]
 
     tbl, misses = table(results.get("real"), results.get("ours"), args)
-    rounds = rounds_table(results, args)
+    cpu = cpu_table(results, args)
+    spread = spread_table(results, args)
     problems = [f"{tag}: {p}" for tag, r in results.items() for p in r.problems]
     print()
     print(tbl)
@@ -821,10 +908,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target missed: {m}")
     for p in problems:
         print(f"problem: {p}")
-    print(rounds)
+    print(cpu)
+    print(spread)
     print(f"benchmark runtime: {runtime:.0f} s")
     if args.output:
-        write_docs(args.output, tbl, rounds, misses, problems, args, runtime, started_at)
+        write_docs(args.output, tbl, cpu, spread, misses, problems, args, runtime, started_at)
         log(f"wrote {args.output}")
     return 1 if problems else 0
 
