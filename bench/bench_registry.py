@@ -640,47 +640,50 @@ def table(real: Result | None, ours: Result | None,
     return "\n".join(lines) + "\n", misses
 
 
+def rate_rows(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(key, label) of the rate rows, with this run's caller and machine counts filled in."""
+    return [(key.replace("/C", f"/{args.callers}"), label_of(label, args))
+            for key, label, kind in ROWS if kind == "rate"]
+
+
+def column(tag: str) -> str:
+    return "real 252" if tag == "real" else tag
+
+
 def cpu_table(results: dict[str, Result], args: argparse.Namespace) -> str:
     """Daemon CPU time (user + system) per call: what each call costs the daemon itself,
     which the machine's load moves far less than the rates."""
     tags = list(results)
-    lines = ["| call | " + " | ".join("real 252" if t == "real" else t for t in tags)
-             + (" | ratio |" if len(tags) == 2 else " |"),
-             "|---|" + "---:|" * (len(tags) + (1 if len(tags) == 2 else 0))]
-    for key, label, kind in ROWS:
-        if kind != "rate":
-            continue
-        key = key.replace("/C", f"/{args.callers}")
+    both = len(tags) == 2
+    lines = ["| call | " + " | ".join(map(column, tags)) + (" | ratio |" if both else " |"),
+             "|---|" + "---:|" * (len(tags) + both)]
+    for key, label in rate_rows(args):
         per_call = []
         for t in tags:
             pairs = results[t].cpu.get(key, [])
             calls = sum(c for _, c in pairs)
             per_call.append(sum(sec for sec, _ in pairs) / calls * 1e6 if calls else None)
         cells = ["–" if v is None else f"{v:,.0f}" for v in per_call]
-        if len(tags) == 2:
+        if both:
             a, b = per_call
             cells.append(f"{b / a:.2f}" if a and b is not None else "–")
-        lines.append(f"| {label_of(label, args).replace(' calls/s', '').replace(' /s', '')} | "
-                     + " | ".join(cells) + " |")
+        call = label.replace(" calls/s", "").replace(" /s", "")
+        lines.append(f"| {call} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def spread_table(results: dict[str, Result], args: argparse.Namespace) -> str:
     """The slices behind the medians: lowest / median / highest rate of each daemon."""
     tags = list(results)
-    lines = ["| metric | " + " | ".join(f"{'real 252' if t == 'real' else t}: min / median / max"
-                                         for t in tags) + " |",
+    lines = ["| metric | " + " | ".join(f"{column(t)}: min / median / max" for t in tags) + " |",
              "|---|" + "---:|" * len(tags)]
-    for key, label, kind in ROWS:
-        if kind != "rate":
-            continue
-        key = key.replace("/C", f"/{args.callers}")
+    for key, label in rate_rows(args):
         cells = []
         for t in tags:
             vals = results[t].samples.get(key, [])
-            cells.append(" / ".join(fmt(kind, v) for v in (min(vals), statistics.median(vals),
-                                                           max(vals))) if vals else "–")
-        lines.append(f"| {label_of(label, args)} | " + " | ".join(cells) + " |")
+            cells.append(" / ".join(f"{v:,.0f}" for v in (min(vals), statistics.median(vals),
+                                                          max(vals))) if vals else "–")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
