@@ -103,6 +103,14 @@ def image_root() -> Path:
     return root
 
 
+@pytest.fixture
+def images() -> Iterator[Path]:
+    """A private image pool for one test, removed afterwards (also read-only images)."""
+    root = image_root()
+    yield root
+    remove_tree(root)
+
+
 def make_image(root: Path, name: str) -> Path:
     image = root / "var/lib/machines" / name
     (image / "etc").mkdir(parents=True, exist_ok=True)

@@ -26,9 +26,7 @@ from tests.helpers.daemon import STATE_DIR, Machined, wait_for
 from .conftest import (
     MANAGER_PATH,
     RawClient,
-    image_root,
     make_image,
-    remove_tree,
     start_daemon,
     stop_daemon,
 )
@@ -36,13 +34,6 @@ from .conftest import (
 INVALID = "org.freedesktop.DBus.Error.InvalidArgs"
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 LOCKS = Path("/run/systemd/nspawn/locks")
-
-
-@pytest.fixture
-def images() -> Iterator[Path]:
-    root = image_root()
-    yield root
-    remove_tree(root)
 
 
 @pytest.fixture

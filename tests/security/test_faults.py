@@ -22,21 +22,12 @@ from .conftest import (
     MANAGER_PATH,
     RawClient,
     Sleepers,
-    image_root,
     make_image,
-    remove_tree,
     start_daemon,
     stop_daemon,
 )
 
 SLICE = Path(cgroup2_mount()) / "machine.slice" if os.geteuid() == 0 else Path("/nonexistent")
-
-
-@pytest.fixture
-def images() -> Iterator[Path]:
-    root = image_root()
-    yield root
-    remove_tree(root)
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ import pytest
 from tests.helpers.busdaemon import REPO, BusDaemon
 from tests.helpers.daemon import Machined, have, wait_for
 
-from .inside_support import Containers, Tmux, module_daemon
-from .support import Nspawn, Processes, machinectl
+from ..support import Nspawn, Processes, machinectl
+from .support import Containers, Tmux
 
 pytestmark = pytest.mark.skipif(not have("systemd-nspawn") or not have("tmux")
                                 or not have("debootstrap"),
@@ -31,18 +31,6 @@ def debian_tree() -> Path:
     if out.returncode != 0:
         pytest.skip("no Debian tree: " + out.stderr[-500:])
     return Path(out.stdout.strip())
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BusDaemon, Machined]]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    yield from module_daemon(tmp_path_factory.mktemp("booted-daemon"))
-
-
-@pytest.fixture(scope="module")
-def bus(daemon: tuple[BusDaemon, Machined]) -> BusDaemon:
-    return daemon[0]
 
 
 @pytest.fixture(scope="module")

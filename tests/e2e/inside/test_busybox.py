@@ -20,8 +20,7 @@ import pytest
 from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.daemon import Machined, busctl, have
 
-from .inside_support import Containers, Tmux, busybox_copy, module_daemon, unique
-from .support import (
+from ..support import (
     DEST,
     MACHINE,
     MANAGER,
@@ -35,23 +34,12 @@ from .support import (
     mcall_data,
     register_machine,
 )
+from .support import Containers, Tmux, busybox_copy, unique
 
 LOOP = "while :; do sleep 1; done"
 
 pytestmark = pytest.mark.skipif(not have("systemd-nspawn") or not have("tmux"),
                                 reason="needs systemd-nspawn and tmux")
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BusDaemon, Machined]]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    yield from module_daemon(tmp_path_factory.mktemp("inside-daemon"))
-
-
-@pytest.fixture(scope="module")
-def bus(daemon: tuple[BusDaemon, Machined]) -> BusDaemon:
-    return daemon[0]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.daemon import Machined, cgroup2_mount, clean_state, wait_for
 
-from .support import Nspawn, Processes, cgroup_pids, scope_name
+from ..support import Nspawn, Processes, cgroup_pids, scope_name
 
 # Not the e2e prefix: the per-test cleanup of conftest.py would kill our shared containers.
 PREFIX = "in4"
@@ -77,7 +77,7 @@ class Containers:
             shutil.rmtree(PROPAGATE / ct.name, ignore_errors=True)
 
 
-def module_daemon(workdir: Path) -> Iterator[tuple[BusDaemon, Machined]]:
+def module_daemon() -> Iterator[tuple[BusDaemon, Machined]]:
     bus = BusDaemon("open")
     clean_state()
     d = Machined(bus, "--stop-timeout=3", "--scope-backend=cgroupfs")

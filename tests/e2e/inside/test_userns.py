@@ -14,8 +14,8 @@ import pytest
 from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.daemon import Machined, have
 
-from .inside_support import Containers, busybox_copy, module_daemon
-from .support import Nspawn, Processes, machine_path, machinectl, mcall, mcall_data
+from ..support import Nspawn, Processes, machine_path, machinectl, mcall, mcall_data
+from .support import Containers, busybox_copy
 
 ADDR4 = "192.168.252.2"
 ADDR6 = "fd00:252::2"
@@ -24,18 +24,6 @@ SETUP = (f"ip link set lo up; ip link set host0 up; ip addr add {ADDR4}/24 dev h
          "while :; do sleep 1; done")
 
 pytestmark = pytest.mark.skipif(not have("systemd-nspawn"), reason="needs systemd-nspawn")
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BusDaemon, Machined]]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    yield from module_daemon(tmp_path_factory.mktemp("userns-daemon"))
-
-
-@pytest.fixture(scope="module")
-def bus(daemon: tuple[BusDaemon, Machined]) -> BusDaemon:
-    return daemon[0]
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +122,7 @@ def test_nss_mymachines(bus: BusDaemon, ct: Nspawn, tmp_path: Path) -> None:
 
 
 def test_shell_in_user_namespace(bus: BusDaemon, ct: Nspawn, tmp_path: Path) -> None:
-    from .inside_support import Tmux
+    from .support import Tmux
 
     script = "echo ID=$(id -u):$(id -g); cat /proc/self/uid_map; ls -ln /tmp/ready; echo END"
     t = Tmux(bus, f"machinectl shell alice@{ct.name} /bin/sh -c '{script}'", tmp_path)
