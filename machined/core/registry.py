@@ -32,8 +32,8 @@ _MAX_EARLY_JOBS = 1024
 
 
 def _log_after_reply(msg: str, *args: object) -> None:
-    """Log at the next turn of the event loop: registering and unregistering log a line each,
-    and a log record costs a registration a noticeable share of its time before the reply."""
+    """Log at the next turn of the event loop, after the reply has gone out: registering and
+    unregistering log a line each, and the caller need not wait for it."""
     asyncio.get_running_loop().call_soon(log.info, msg, *args)
 
 
