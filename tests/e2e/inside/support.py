@@ -138,3 +138,15 @@ class Tmux:
         with contextlib.suppress(OSError):
             os.unlink(self.socket)
         time.sleep(0)
+
+
+def run_on_terminal(bus: BusDaemon, command: str, workdir: Path, until: str) -> str:
+    """Run command on a real terminal until `until` is on it and the command has exited (for
+    machinectl shell: the shell's exit closes the session); returns the screen."""
+    t = Tmux(bus, command, workdir)
+    try:
+        t.wait(until)
+        t.wait_dead()
+        return t.screen()
+    finally:
+        t.close()

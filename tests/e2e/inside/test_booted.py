@@ -17,7 +17,7 @@ from tests.helpers.busdaemon import REPO, BusDaemon
 from tests.helpers.daemon import Machined, have, wait_for
 
 from ..support import Nspawn, Processes, machinectl
-from .support import Containers, Tmux
+from .support import Containers, Tmux, run_on_terminal
 
 pytestmark = pytest.mark.skipif(not have("systemd-nspawn") or not have("tmux")
                                 or not have("debootstrap"),
@@ -85,14 +85,9 @@ def ct(daemon: tuple[BusDaemon, Machined], overlay: Path,
 
 def test_shell_runs_in_the_booted_container(bus: BusDaemon, ct: Nspawn, tmp_path: Path) -> None:
     script = "echo X=$X; tty; readlink /proc/self/ns/pid; ps -p 1 -o comm=; echo END"
-    t = Tmux(bus, f"machinectl shell --setenv=X=booted {ct.name} /bin/sh -c '{script}'",
-             tmp_path)
-    try:
-        t.wait("END")
-        t.wait_dead()
-        screen = t.screen()
-    finally:
-        t.close()
+    screen = run_on_terminal(
+        bus, f"machinectl shell --setenv=X=booted {ct.name} /bin/sh -c '{script}'", tmp_path,
+        until="END")
     assert "X=booted" in screen, screen
     assert os.readlink(f"/proc/{ct.leader}/ns/pid") in screen, screen
     assert re.search(r"^systemd\s*$", screen, re.M), screen

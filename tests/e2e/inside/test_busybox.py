@@ -34,7 +34,7 @@ from ..support import (
     mcall_data,
     register_machine,
 )
-from .support import Containers, Tmux, busybox_copy, unique
+from .support import Containers, Tmux, busybox_copy, run_on_terminal, unique
 
 LOOP = "while :; do sleep 1; done"
 
@@ -85,13 +85,8 @@ def test_shell_command_with_environment(bus: BusDaemon, ct: Nspawn, tmp_path: Pa
     script = ("echo X=$X; tty; id -u; readlink /proc/self/ns/pid; readlink /proc/self/ns/mnt; "
               "cat /proc/self/cgroup; cat /proc/1/cgroup; echo TERM=$TERM HOME=$HOME")
     # machinectl hands options after the machine name to the program: --setenv goes before
-    t = Tmux(bus, f"machinectl shell --setenv=X=1 {ct.name} /bin/sh -c '{script}'", tmp_path)
-    try:
-        screen = t.wait("HOME=")
-        t.wait_dead()  # the shell's exit closes the session: machinectl exits
-        screen = t.screen()
-    finally:
-        t.close()
+    screen = run_on_terminal(bus, f"machinectl shell --setenv=X=1 {ct.name} /bin/sh -c '{script}'",
+                             tmp_path, until="HOME=")
     assert "X=1" in screen, screen
     assert re.search(r"^/dev/pts/\d+\s*$", screen, re.M), screen
     assert re.search(r"^0\s*$", screen, re.M), screen
@@ -397,12 +392,8 @@ def test_vm_and_host_answers(bus: BusDaemon, ct: Nspawn, tmp_path: Path) -> None
 
 
 def test_host_shell(bus: BusDaemon, ct: Nspawn, tmp_path: Path) -> None:
-    t = Tmux(bus, "machinectl shell --setenv=Y=ok .host /bin/sh -c 'echo HOST-$Y'", tmp_path)
-    try:
-        t.wait("HOST-ok")
-        t.wait_dead()
-    finally:
-        t.close()
+    run_on_terminal(bus, "machinectl shell --setenv=Y=ok .host /bin/sh -c 'echo HOST-$Y'",
+                    tmp_path, until="HOST-ok")
 
 
 def test_shell_errors(bus: BusDaemon, ct: Nspawn) -> None:

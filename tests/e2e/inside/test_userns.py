@@ -15,7 +15,7 @@ from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.daemon import Machined, have
 
 from ..support import Nspawn, Processes, machine_path, machinectl, mcall, mcall_data
-from .support import Containers, busybox_copy
+from .support import Containers, busybox_copy, run_on_terminal
 
 ADDR4 = "192.168.252.2"
 ADDR6 = "fd00:252::2"
@@ -122,16 +122,9 @@ def test_nss_mymachines(bus: BusDaemon, ct: Nspawn, tmp_path: Path) -> None:
 
 
 def test_shell_in_user_namespace(bus: BusDaemon, ct: Nspawn, tmp_path: Path) -> None:
-    from .support import Tmux
-
     script = "echo ID=$(id -u):$(id -g); cat /proc/self/uid_map; ls -ln /tmp/ready; echo END"
-    t = Tmux(bus, f"machinectl shell alice@{ct.name} /bin/sh -c '{script}'", tmp_path)
-    try:
-        t.wait("END")
-        t.wait_dead()
-        screen = t.screen()
-    finally:
-        t.close()
+    screen = run_on_terminal(bus, f"machinectl shell alice@{ct.name} /bin/sh -c '{script}'",
+                             tmp_path, until="END")
     assert "ID=1000:1000" in screen, screen
     assert f"0 {shift_of(ct)} 65536" in " ".join(screen.split()), screen
     assert " 0 0 " in " ".join(screen.split()), screen  # root-owned file as root inside
