@@ -681,8 +681,8 @@ def spread_table(results: dict[str, Result], args: argparse.Namespace) -> str:
         cells = []
         for t in tags:
             vals = results[t].samples.get(key, [])
-            cells.append(" / ".join(f"{v:,.0f}" for v in (min(vals), statistics.median(vals),
-                                                          max(vals))) if vals else "–")
+            cells.append(" / ".join(fmt("rate", v) for v in (min(vals), statistics.median(vals),
+                                                             max(vals))) if vals else "–")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

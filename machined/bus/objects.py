@@ -21,7 +21,7 @@ from typing import Any
 import sdbus
 from sdbus.sd_bus_internals import SdBus, SdBusInterface, SdBusMessage
 
-from ..core.eager import Resumed, run_until_wait
+from ..core.eager import Resumed, keep_task, run_until_wait
 from ..core.errors import UnknownObject
 from . import client
 from .errors import to_dbus
@@ -221,10 +221,7 @@ class Dispatcher:
                         reply(msg, result)
                         return
                 if isinstance(result, _AWAITABLES):  # cheaper than inspect.isawaitable
-                    task = asyncio.get_running_loop().create_task(
-                        self._finish(msg, reply, result))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    keep_task(self._finish(msg, reply, result), self._tasks)
                     return
                 reply(msg, result)
             except BaseException as e:  # noqa: BLE001 - every failure becomes a reply

@@ -63,9 +63,14 @@ def spawn(coro: Coroutine[Any, Any, Any], tasks: set[asyncio.Task[Any]], what: s
     except Exception:
         log.exception("%s failed", what)
         return
-    if finished:
-        return
-    task = asyncio.get_running_loop().create_task(_logged(rest, what))
+    if not finished:
+        keep_task(_logged(rest, what), tasks)
+
+
+def keep_task(coro: Coroutine[Any, Any, Any], tasks: set[asyncio.Task[Any]]) -> None:
+    """Run coro in a Task held in `tasks` until it ends: the event loop keeps only weak
+    references to its tasks."""
+    task = asyncio.get_running_loop().create_task(coro)
     tasks.add(task)
     task.add_done_callback(tasks.discard)
 

@@ -19,7 +19,9 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from ..core.eager import keep_task
 from ..core.errors import ErrnoError
 
 CLONE_NEWNS = 0x00020000
@@ -267,14 +269,12 @@ async def collect(pid: int, sock: socket.socket) -> ChildResult:
     return ChildResult(status, messages, fds)
 
 
-_reapers: set[asyncio.Task[int]] = set()
+_reapers: set[asyncio.Task[Any]] = set()
 
 
 def reap_later(pid: int) -> None:
     """Reap child pid whenever it exits (a child that outlives the call it served)."""
-    task = asyncio.get_running_loop().create_task(reap(pid))
-    _reapers.add(task)
-    task.add_done_callback(_reapers.discard)
+    keep_task(reap(pid), _reapers)
 
 
 async def reap(pid: int) -> int:
