@@ -132,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cgroupfs scopes: SIGKILL after this long when stopping (default 90)")
     p.add_argument("--state-dir", type=Path, default=Path("/run/systemd/machines"),
                    help=argparse.SUPPRESS)  # for benchmarks; sd-login only reads the default
+    p.add_argument("--userdb-dir", type=Path, default=Path("/run/systemd/userdb"),
+                   help=argparse.SUPPRESS)  # tests: where the userdb socket goes
     p.add_argument("--image-root", default="", help=argparse.SUPPRESS)  # tests: prefix of the
     # image search path (ROOT/var/lib/machines, ROOT/etc/machines, ...)
     return p.parse_args(argv)
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     options = Options(state_dir=args.state_dir, scope_backend=args.scope_backend,
                       stop_timeout=args.stop_timeout, log_level=args.log_level,
-                      image_root=args.image_root.rstrip("/"))
+                      image_root=args.image_root.rstrip("/"), userdb_dir=args.userdb_dir)
     return asyncio.run(run(options))
 
 

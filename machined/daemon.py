@@ -23,12 +23,14 @@ from .core.images import SearchPath
 from .core.ports import ScopeBackend
 from .core.registry import Registry
 from .core.statefile import StateDir
-from .linux import cgroups
+from .core.userdb import UserDatabase
+from .linux import cgroups, facts
 from .linux.inotify import Inotify
 from .linux.notify import sd_notify, watchdog_interval
 from .linux.process import PidfdWatcher
 from .scopes.cgroupfs import CgroupfsBackend
 from .scopes.systemd1 import Systemd1Backend
+from .varlink import SOCKET_NAME, VarlinkServer, userdb_methods
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class Options:
     stop_timeout: float = 90.0
     log_level: str = "info"
     image_root: str = ""  # prefix of the image search path (tests, benchmarks)
+    userdb_dir: Path = Path("/run/systemd/userdb")  # where nss-systemd looks for userdb services
 
 
 def host_machine_id() -> bytes:
@@ -104,6 +107,14 @@ async def run(options: Options) -> int:
     await dispatcher.watch_peers()
     log.info("Using the %s scope backend.", backend.name)
 
+    userdb = VarlinkServer(userdb_methods(UserDatabase(
+        registry.__iter__, registry.get, lambda m, kind: facts.read_id_map(m.leader, kind))))
+    try:
+        await userdb.start(options.userdb_dir / SOCKET_NAME)
+    except OSError as e:
+        log.warning("Failed to start the userdb service in %s, going on without it: %s",
+                    options.userdb_dir, e.strerror)
+
     # Reload before taking the name: 252 reloads with blocking calls, so no client (one that
     # activated us, say) ever sees the machine list before the state files are read.
     await registry.start()
@@ -153,6 +164,7 @@ async def run(options: Options) -> int:
     if isinstance(backend, CgroupfsBackend):
         await backend.close()
     watcher.close()
+    userdb.close()
     objects.close()
     images.close()
     with contextlib.suppress(Exception):

@@ -13,7 +13,7 @@ PACKAGES=(dbus dbus-bin systemd-container busybox-static python3 python3-venv ut
 # Test tools: dbus-python and PyGObject for python-dbusmock come from Debian (a venv with
 # --system-site-packages sees them), tmux/script to drive terminals, btrfs/e2fs for images.
 TEST_PACKAGES=(python3-dbus python3-gi tmux btrfs-progs e2fsprogs libsystemd0 debootstrap fdisk acl
-               libnss-mymachines)
+               libnss-mymachines libnss-systemd)
 [ $WITH_TESTS = 1 ] && PACKAGES+=("${TEST_PACKAGES[@]}")
 
 missing=()

@@ -35,10 +35,14 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
 
 
 class Machined:
-    """One daemon process; `log` collects its stderr."""
+    """One daemon process; `log` collects its stderr. Its userdb socket goes into the bus's
+    directory (`userdb_socket`), not the host's /run/systemd/userdb where nss-systemd looks."""
 
     def __init__(self, bus: BusDaemon, *extra: str) -> None:
         self.bus = bus
+        self.userdb_dir = bus.dir / "userdb"
+        if not any(a.startswith("--userdb-dir") for a in extra):
+            extra = (*extra, f"--userdb-dir={self.userdb_dir}")
         self.extra = extra
         self.log_path = bus.dir / f"machined.{time.monotonic_ns()}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -70,6 +74,10 @@ class Machined:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    @property
+    def userdb_socket(self) -> Path:
+        return self.userdb_dir / "io.systemd.Machine"
 
     def stop(self) -> int:
         assert self.proc is not None

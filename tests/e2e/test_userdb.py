@@ -1,0 +1,359 @@
+"""The userdb service io.systemd.Machine (spec §12): the same conversations with the real 252 and
+with ours in one run must get the same bytes back; and glibc, through nss-systemd, shows the
+names of a user-namespaced container's IDs (what `ls -l` on its files prints)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.busdaemon import BusDaemon
+from tests.helpers.daemon import Machined, busctl, cgroup2_mount, clean_state, wait_for
+from tests.helpers.process import stop_process
+from tests.helpers.userns import spawn_userns_leader
+
+REAL_MACHINED = "/lib/systemd/systemd-machined"
+USERDB_DIR = Path("/run/systemd/userdb")
+STATE_DIR = Path("/run/systemd/machines")
+U = "io.systemd.UserDatabase."
+SVC = "io.systemd.Machine"
+HANGUP = "<hangup>"
+
+# name, class, uid map, gid map (None: no user namespace of its own)
+MACHINES = [
+    ("e2eudb", "container", "0 100000 65536", "0 200000 65536"),
+    ("e2eudb.dot", "container", "0 300000 65536", "0 300000 65536"),
+    ("e2eudbvm", "vm", "0 400000 65536", "0 400000 65536"),
+    ("e2eudbplain", "container", None, None),
+]
+
+
+def _user(params: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"method": U + "GetUserRecord", "parameters": params, **extra}
+
+
+def _group(params: dict[str, Any]) -> dict[str, Any]:
+    return {"method": U + "GetGroupRecord", "parameters": params}
+
+
+# Each conversation runs on a connection of its own; dicts are sent as JSON, bytes as they are.
+CONVERSATIONS: list[list[Any]] = [
+    [_user({"uid": 100000, "service": SVC})],
+    [_user({"uid": 100005, "service": SVC}, more=True)],
+    [_user({"uid": 100000.0, "service": SVC})],
+    [_user({"userName": "vu-e2eudb-7", "service": SVC})],
+    [_user({"userName": "vu-e2eudb-7", "uid": 100007, "service": SVC})],
+    [_user({"userName": "vu-e2eudb-7", "uid": 100008, "service": SVC})],
+    [_user({"userName": "vu-e2eudb-0", "uid": 100001, "service": SVC})],
+    [_user({"uid": 1000, "service": SVC})],
+    [_user({"uid": 65534, "service": SVC})],
+    [_user({"uid": 165535, "service": SVC})],
+    [_user({"uid": 165536, "service": SVC})],
+    [_user({"uid": 4294967294, "service": SVC})],
+    [_user({"uid": 300005, "service": SVC})],  # e2eudb.dot: no valid user name
+    [_user({"uid": 400005, "service": SVC})],  # a VM
+    [_user({"userName": "vu-e2eudbvm-5", "service": SVC})],
+    [_user({"userName": "vu-e2eudbplain-7", "service": SVC})],
+    [_user({"userName": "vu-e2eudb-65535", "service": SVC})],
+    [_user({"userName": "vu-e2eudb-65536", "service": SVC})],
+    [_user({"userName": "vu-e2eudb-007", "service": SVC})],
+    [_user({"userName": "vu-e2eudb-+7", "service": SVC})],
+    [_user({"userName": "vu-e2eudb-", "service": SVC})],
+    [_user({"userName": "vu-nope-0", "service": SVC})],
+    [_user({"userName": "vu--1", "service": SVC})],
+    [_user({"userName": "VU-e2eudb-1", "service": SVC})],
+    [_user({"userName": "x" * 40, "service": SVC})],
+    [_user({"userName": "bad name!", "service": SVC})],
+    [_user({"userName": "", "service": SVC})],
+    [_user({"service": SVC})],
+    [_user({"uid": 100000, "service": "x"})],
+    [_user({"uid": 100000})],
+    [{"method": U + "GetUserRecord"}],
+    [{"method": U + "GetUserRecord", "parameters": None}],
+    [_user({"uid": "abc", "service": SVC})],
+    [_user({"uid": True, "service": SVC})],
+    [_user({"uid": 1.5, "service": SVC})],
+    [_user({"uid": -1, "service": SVC})],
+    [_user({"uid": 65535, "service": SVC})],
+    [_user({"uid": 4294967295, "service": SVC})],
+    [_user({"uid": 4294967296, "service": SVC})],
+    [_user({"userName": None, "service": SVC})],
+    [_user({"userName": 5, "service": SVC})],
+    [_user({"uid": 100000, "service": None})],
+    [_user({"uid": 100000, "service": SVC, "bogus": 1})],
+    [_user({"zzz": 1, "uid": "x"})],
+    [_user({"uid": "x", "zzz": 1})],
+    [_user({"service": "bad", "uid": "x"})],
+    [_group({"gid": 200003, "service": SVC})],
+    [_group({"groupName": "vg-e2eudb-3", "service": SVC})],
+    [_group({"gid": 200000, "groupName": "vg-e2eudb-1", "service": SVC})],
+    [_group({"gid": 100003, "service": SVC})],
+    [_group({"gid": 265535, "service": SVC})],
+    [_group({"groupName": "vu-e2eudb-3", "service": SVC})],
+    [_group({"userName": "vg-e2eudb-3", "service": SVC})],
+    [_group({"service": SVC})],
+    [{"method": U + "GetMemberships", "parameters": {"userName": "vu-e2eudb-3", "service": SVC},
+      "more": True}],
+    [{"method": U + "GetMemberships", "parameters": {"service": SVC}}],
+    [{"method": U + "GetMemberships", "parameters": {"service": "x"}}],
+    [{"method": U + "GetMemberships", "parameters": {"userName": 5, "service": SVC}}],
+    [{"method": "org.varlink.service.GetInfo", "parameters": {}}],
+    [{"method": "org.varlink.service.GetInterfaceDescription",
+      "parameters": {"interface": "io.systemd.UserDatabase"}}],
+    [{"method": U + "Nope", "parameters": {}}],
+    [_user({"uid": 100000, "service": SVC}), _user({"uid": 100001, "service": SVC}),
+     _group({"gid": 200002, "service": SVC})],
+    [_user({"uid": 100000, "service": SVC}, oneway=True)],
+    [_user({"uid": 100000, "service": SVC}, oneway=True), _user({"uid": 1, "service": SVC})],
+    [_user({"uid": 100000, "service": SVC}, more="yes")],
+    [_user({"uid": 100000, "service": SVC}, upgrade=False)],
+    [{"method": 5, "parameters": {}}],
+    [{"method": U + "GetUserRecord", "parameters": []}],
+    [b"not json"],
+    [b"[1,2]"],
+    [b'{"parameters":{}}'],
+    [b""],
+]
+
+
+def _converse(path: str, messages: list[Any]) -> list[str]:
+    """What came back for each message: a reply's text, or HANGUP (and nothing after it)."""
+    out: list[str] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(path)
+        for i, message in enumerate(messages):
+            data = message if isinstance(message, bytes) else json.dumps(message).encode()
+            try:
+                s.sendall(data + b"\0")
+                oneway = isinstance(message, dict) and message.get("oneway") is True
+                if oneway and i + 1 < len(messages):
+                    continue
+                reply = b""
+                while not reply.endswith(b"\0"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        out.append(HANGUP)
+                        return out
+                    reply += chunk
+            except (ConnectionResetError, BrokenPipeError):
+                out.append(HANGUP)
+                return out
+            out.append(reply[:-1].decode())
+    return out
+
+
+class RealMachined:
+    """systemd's machined 252 in a mount namespace of its own, with tmpfs over its state and
+    userdb directories, so that it never touches the host's."""
+
+    def __init__(self, bus: BusDaemon) -> None:
+        script = " && ".join([f"mount -t tmpfs -o mode=0755 tmpfs {STATE_DIR}",
+                              f"mount -t tmpfs -o mode=0755 tmpfs {USERDB_DIR}",
+                              'exec "$@"'])
+        env = {**bus.env(), "SYSTEMD_LOG_TARGET": "console"}
+        self.proc = subprocess.Popen(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
+             REAL_MACHINED], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(lambda: os.path.exists(self.userdb_socket), 15, what="252's userdb socket")
+        wait_for(lambda: busctl(bus, "status", "org.freedesktop.machine1",
+                                check=False).returncode == 0, 15, what="252 on the bus")
+
+    @property
+    def userdb_socket(self) -> str:
+        return f"/proc/{self.proc.pid}/root{USERDB_DIR}/io.systemd.Machine"
+
+    def stop(self) -> None:
+        stop_process(self.proc, 10)
+
+
+@dataclass
+class World:
+    ours: Machined
+    real: RealMachined | None
+
+
+def _register(bus: BusDaemon, leaders: dict[str, int]) -> None:
+    for name, cls, _uids, _gids in MACHINES:
+        busctl(bus, "call", "org.freedesktop.machine1", "/org/freedesktop/machine1",
+               "org.freedesktop.machine1.Manager", "RegisterMachine", "sayssus", name, "0",
+               "test", cls, str(leaders[name]), "/")
+
+
+@contextlib.contextmanager
+def _host_dirs() -> Iterator[None]:
+    """The mount points 252's tmpfs need; made if missing and removed again."""
+    made = [d for d in (STATE_DIR, USERDB_DIR) if not d.exists()]
+    for d in made:
+        d.mkdir(mode=0o755, parents=True)
+    try:
+        yield
+    finally:
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    slice_dir = Path(cgroup2_mount()) / "machine.slice"
+    made_slice = not slice_dir.exists()
+    scopes = [slice_dir / f"udbtest-{i}.scope" for i in range(len(MACHINES))]
+    buses: list[BusDaemon] = []
+    daemons: list[Any] = []
+    ours: Machined | None = None
+    errors: list[str] = []
+    sleepers: list[subprocess.Popen[bytes]] = []
+    try:
+        leaders = {}
+        for scope, (name, _cls, uids, gids) in zip(scopes, MACHINES, strict=True):
+            if uids is None:
+                scope.mkdir(parents=True, exist_ok=True)
+                p = subprocess.Popen(
+                    ["sh", "-c", f"echo $$ > {scope}/cgroup.procs && exec sleep 600"],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                sleepers.append(p)
+                wait_for(lambda s=scope: (s / "cgroup.procs").read_text().strip() != "", 5)
+                leaders[name] = p.pid
+            else:
+                leaders[name] = spawn_userns_leader(scope, uids, gids)
+        with _host_dirs():
+            real = None
+            if os.path.exists(REAL_MACHINED):
+                buses.append(BusDaemon("open"))
+                real = RealMachined(buses[-1])
+                daemons.append(real)
+                _register(buses[-1], leaders)
+            buses.append(BusDaemon("open"))
+            clean_state()
+            ours = Machined(buses[-1], "--scope-backend=cgroupfs")
+            daemons.append(ours)
+            _register(buses[-1], leaders)
+            yield World(ours, real)
+    finally:
+        for d in daemons:
+            d.stop()
+        if ours is not None:
+            errors = ours.unexpected_errors()
+        for b in buses:
+            b.stop()
+        clean_state()
+        for scope in scopes:
+            with contextlib.suppress(OSError):
+                (scope / "cgroup.kill").write_text("1")
+            with contextlib.suppress(AssertionError):
+                wait_for(lambda s=scope: not (s / "cgroup.procs").exists()
+                         or not (s / "cgroup.procs").read_text().strip(), 5)
+            with contextlib.suppress(OSError):
+                scope.rmdir()
+        for p in sleepers:
+            stop_process(p, 5)
+        if made_slice:
+            with contextlib.suppress(OSError):
+                slice_dir.rmdir()
+    assert not errors, "machined logged unexpected errors:\n" + "\n".join(errors)
+
+
+def test_same_answers_as_252(world: World) -> None:
+    if world.real is None:
+        pytest.fail(f"{REAL_MACHINED} is missing: the set-up installs systemd-container")
+    real = [_converse(world.real.userdb_socket, c) for c in CONVERSATIONS]
+    ours = [_converse(str(world.ours.userdb_socket), c) for c in CONVERSATIONS]
+    differ = [f"{c}\n  252:  {r}\n  ours: {o}"
+              for c, r, o in zip(CONVERSATIONS, real, ours, strict=True) if r != o]
+    assert not differ, "answers differ from 252's:\n" + "\n".join(differ)
+
+
+def test_records(world: World) -> None:
+    """What the comparison rests on, spelled out: the records themselves."""
+    path = str(world.ours.userdb_socket)
+    (reply,) = _converse(path, CONVERSATIONS[0])
+    assert json.loads(reply) == {"parameters": {"record": {
+        "userName": "vu-e2eudb-0", "uid": 100000, "gid": 65534,
+        "realName": "UID 0 of Container e2eudb", "homeDirectory": "/",
+        "shell": "/usr/sbin/nologin", "locked": True, "service": SVC,
+        "disposition": "container"}}}
+    (reply,) = _converse(path, [_group({"groupName": "vg-e2eudb-3", "service": SVC})])
+    assert json.loads(reply) == {"parameters": {"record": {
+        "groupName": "vg-e2eudb-3", "gid": 200003, "description": "GID 3 of Container e2eudb",
+        "service": SVC, "disposition": "container"}}}
+    (reply,) = _converse(path, [_user({"uid": 100007, "userName": "vu-e2eudb-8",
+                                        "service": SVC})])
+    assert json.loads(reply) == {"error": U + "ConflictingRecordFound", "parameters": {}}
+    assert _converse(path, [b"not json"]) == [HANGUP]
+
+
+def test_socket_is_world_accessible(world: World) -> None:
+    assert oct(world.ours.userdb_socket.stat().st_mode & 0o777) == "0o666"
+
+
+def test_nss_names_of_container_ids(world: World, tmp_path: Path) -> None:
+    """glibc's getpwuid/getgrgid through nss-systemd, which asks every socket in
+    /run/systemd/userdb: there, in a mount namespace of getent's own, is our socket."""
+    probe = tmp_path / "owned"
+    probe.write_text("")
+    os.chown(probe, 100007, 200003)
+    script = (f"mount --bind {world.ours.userdb_dir} {USERDB_DIR} && "
+              f"getent passwd 100000 vu-e2eudb-5 && getent group 200003 && "
+              f"stat -c %U:%G {probe}")
+    env = {k: v for k, v in os.environ.items() if k != "SYSTEMD_BYPASS_USERDB"}
+    with _host_dirs():
+        out = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "vu-e2eudb-0:x:100000:65534:UID 0 of Container e2eudb:/:/usr/sbin/nologin",
+        "vu-e2eudb-5:x:100005:65534:UID 5 of Container e2eudb:/:/usr/sbin/nologin",
+        "vg-e2eudb-3:x:200003:",
+        "vu-e2eudb-7:vg-e2eudb-3",
+    ]
+
+
+def test_abuse_leaves_it_serving(world: World) -> None:
+    """Over-long messages and too many connections from one user are hung up on; the service
+    goes on answering everyone else."""
+    import resource
+
+    path = str(world.ours.userdb_socket)
+    assert _converse(path, [b"x" * 70000]) == [HANGUP]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    held: list[socket.socket] = []
+    try:
+        for _ in range(1024):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            held.append(s)
+            s.connect(path)
+        # all 1024 are served...
+        assert _converse_on(held[0], _user({"uid": 100000, "service": SVC})) != HANGUP
+        assert _converse_on(held[-1], _user({"uid": 100000, "service": SVC})) != HANGUP
+        # ...the next one of the same user is not
+        assert _converse(path, CONVERSATIONS[0]) == [HANGUP]
+    finally:
+        for s in held:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    wait_for(lambda: _converse(path, CONVERSATIONS[0]) != [HANGUP], 10,
+             what="the service to take connections again")
+
+
+def _converse_on(s: socket.socket, message: dict[str, Any]) -> str:
+    s.settimeout(10)
+    s.sendall(json.dumps(message).encode() + b"\0")
+    reply = b""
+    while not reply.endswith(b"\0"):
+        chunk = s.recv(65536)
+        if not chunk:
+            return HANGUP
+        reply += chunk
+    return reply[:-1].decode()
