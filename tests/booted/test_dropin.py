@@ -70,6 +70,9 @@ def test_unit_runs_our_daemon(vm: InstalledVM) -> None:
                 vm.run("cat", f"/proc/{daemon_pid(vm)}/status").stdout.splitlines())
     assert proc["NoNewPrivs"] == "1" and proc["Seccomp"] == "2"
     assert int(proc["CapBnd"], 16) == CAPABILITIES
+    # the userdb service nss-systemd asks for container users (spec §12), as 252's
+    sock = vm.run("stat", "-c", "%A %U", "/run/systemd/userdb/io.systemd.Machine").stdout
+    assert sock.split() == ["srw-rw-rw-", "root"]
     verify = vm.run("systemd-analyze", "verify", "--man=no", UNIT, check=False)
     assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify
 
