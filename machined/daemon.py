@@ -112,8 +112,9 @@ async def run(options: Options) -> int:
     try:
         await userdb.start(options.userdb_dir / SOCKET_NAME)
     except OSError as e:
-        log.warning("Failed to start the userdb service in %s, going on without it: %s",
-                    options.userdb_dir, e.strerror)
+        # 252 does not start then; nothing else depends on this service, so carry on
+        log.warning("Failed to bind to varlink socket in %s: %s; running without the userdb "
+                    "service.", options.userdb_dir, e.strerror)
 
     # Reload before taking the name: 252 reloads with blocking calls, so no client (one that
     # activated us, say) ever sees the machine list before the state files are read.
