@@ -357,3 +357,20 @@ def _converse_on(s: socket.socket, message: dict[str, Any]) -> str:
             return HANGUP
         reply += chunk
     return reply[:-1].decode()
+
+
+def test_runs_without_the_service_when_its_socket_cannot_be_made(bus: BusDaemon,
+                                                                 tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    clean_state()
+    d = Machined(bus, "--scope-backend=cgroupfs", f"--userdb-dir={blocker}/userdb")
+    try:
+        assert "Failed to bind to varlink socket" in d.log
+        out = busctl(bus, "call", "org.freedesktop.machine1", "/org/freedesktop/machine1",
+                     "org.freedesktop.machine1.Manager", "GetMachine", "s", ".host")
+        assert out.stdout.strip() == 'o "/org/freedesktop/machine1/machine/_2ehost"'
+    finally:
+        d.stop()
+        clean_state()
+    assert not d.unexpected_errors()
