@@ -10,7 +10,6 @@ types) makes the server hang up, and so does a oneway call; an unknown method is
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import logging
@@ -47,24 +46,30 @@ def userdb_methods(db: UserDatabase) -> dict[str, Method]:
     }
 
 
+# Made once: json.dumps()/loads() build them anew for every call with non-default settings.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_DECODER = json.JSONDecoder()
+
+
 def _encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\0"
+    return _ENCODER.encode(message).encode() + b"\0"
 
 
 def _parse_call(data: bytes) -> dict[str, Any] | None:
     """The call in one message, or None when it is not a well-formed call."""
     try:
-        call = json.loads(data)
+        call = _DECODER.decode(data.decode())  # UTF-8 only, as 252
     except (ValueError, RecursionError):
         return None
-    if not isinstance(call, dict) or not call.keys() <= _ENVELOPE_KEYS:
+    if type(call) is not dict or not call.keys() <= _ENVELOPE_KEYS \
+            or type(call.get("method")) is not str:
         return None
-    if not isinstance(call.get("method"), str):
+    parameters = call.get("parameters")
+    if parameters is not None and type(parameters) is not dict:
         return None
-    if not isinstance(call.get("parameters", {}), dict | None):
-        return None
-    if any(not isinstance(call.get(k, False), bool) for k in ("more", "oneway")):
-        return None
+    for flag in ("more", "oneway"):
+        if flag in call and type(call[flag]) is not bool:
+            return None
     return call
 
 
@@ -93,44 +98,90 @@ class VarlinkServer:
     def __init__(self, methods: dict[str, Method]) -> None:
         self.methods = methods
         self._listener: UnixListener | None = None
-        self._server: asyncio.Server | None = None
+        self._server: asyncio.AbstractServer | None = None
         self._per_uid: Counter[int] = Counter()
+        self._connections: set[_Connection] = set()
 
     async def start(self, path: Path) -> None:
         self._listener = UnixListener(path, 0o666)
-        self._server = await asyncio.start_unix_server(
-            self._serve, sock=self._listener.sock, limit=MAX_MESSAGE)
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            lambda: _Connection(self), sock=self._listener.sock)
 
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
         if self._listener is not None:
             self._listener.remove()
+        for conn in list(self._connections):
+            conn.hang_up()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        uid = peer_uid(writer.get_extra_info("socket"))
+    def admit(self, conn: _Connection, uid: int) -> bool:
         if (self._per_uid.total() >= MAX_CONNECTIONS
                 or self._per_uid[uid] >= MAX_CONNECTIONS_PER_UID):
-            writer.close()
-            return
+            return False
         self._per_uid[uid] += 1
+        self._connections.add(conn)
+        return True
+
+    def release(self, conn: _Connection, uid: int) -> None:
+        self._connections.discard(conn)
+        self._per_uid[uid] -= 1
+        if not self._per_uid[uid]:
+            del self._per_uid[uid]
+
+
+class _Connection(asyncio.Protocol):
+    """One client: calls are answered in the order they come, each as soon as it is complete.
+    A protocol rather than streams: no task, future or await per call."""
+
+    def __init__(self, server: VarlinkServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.uid: int | None = None  # set while the connection counts against its user
+        self.buffer = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
         try:
-            while True:
-                try:
-                    data = await reader.readuntil(b"\0")
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
-                    return
-                reply = answer(self.methods, data[:-1])
-                if reply is None:
-                    return
-                writer.write(reply)
-                await writer.drain()
+            uid = peer_uid(transport.get_extra_info("socket"))
         except OSError:
+            transport.close()
             return
-        finally:
-            self._per_uid[uid] -= 1
-            if not self._per_uid[uid]:
-                del self._per_uid[uid]
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        if not self.server.admit(self, uid):
+            transport.close()
+            return
+        self.uid = uid
+
+    def data_received(self, data: bytes) -> None:
+        if self.uid is None or self.transport is None or self.transport.is_closing():
+            return
+        self.buffer += data
+        while (end := self.buffer.find(b"\0")) >= 0:
+            reply = answer(self.server.methods, bytes(self.buffer[:end]))
+            del self.buffer[:end + 1]
+            if reply is None:
+                self.hang_up()
+                return
+            self.transport.write(reply)
+        if len(self.buffer) > MAX_MESSAGE:
+            self.hang_up()
+
+    def hang_up(self) -> None:
+        self.buffer.clear()
+        if self.transport is not None:
+            self.transport.close()
+
+    # A client that sends calls without reading the answers is not read from until it does.
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.uid is not None:
+            self.server.release(self, self.uid)
+            self.uid = None

@@ -4,6 +4,7 @@ mapping of IDs in and out of it (spec §8.3, §8.4). Pure: the caller reads the 
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import ErrnoError, InvalidArgs
@@ -62,7 +63,7 @@ def shift_of(name: str, uid_map: str | None, gid_map: str | None) -> int:
     return uids[0].shift
 
 
-def map_from(inner: int, lines: list[MapLine]) -> int | None:
+def map_from(inner: int, lines: Sequence[MapLine]) -> int | None:
     """The host ID of inner, or None when no line covers it."""
     for line in lines:
         if line.base <= inner < line.base + line.range:
@@ -73,7 +74,7 @@ def map_from(inner: int, lines: list[MapLine]) -> int | None:
     return None
 
 
-def map_to(outer: int, lines: list[MapLine]) -> int | None:
+def map_to(outer: int, lines: Sequence[MapLine]) -> int | None:
     """The ID inside of host ID outer, or None; identity lines (shift 0) never match."""
     for line in lines:
         if line.shift == 0:

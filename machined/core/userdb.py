@@ -10,6 +10,7 @@ with the names and parameters 252 answers (checked against a running 252).
 from __future__ import annotations
 
 import errno
+import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 
 from .errors import ErrnoError
 from .machine import Machine, MachineClass
-from .uidmap import map_from, map_to, parse_map, uid_is_valid
+from .uidmap import MapLine, map_from, map_to, parse_map, uid_is_valid
 
 SERVICE = "io.systemd.Machine"
 INTERFACE = "io.systemd.UserDatabase"
@@ -213,11 +214,17 @@ class UserDatabase:
         return name, host_id, _detail(kind, inner, m.name)
 
 
-def _parse(text: str) -> list[Any]:
+def _parse(text: str) -> tuple[MapLine, ...]:
     try:
-        return parse_map(text)
+        return _parse_cached(text)
     except ErrnoError as e:
         raise _system_error(e.errno) from None
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_cached(text: str) -> tuple[MapLine, ...]:
+    # a map is written once per user namespace: the same few texts come again and again
+    return tuple(parse_map(text))
 
 
 def _detail(kind: _Kind, inner: int, machine: str) -> str:

@@ -12,6 +12,7 @@ import threading
 from ..core.errors import CHILD_DIED, ErrnoError, Failed
 from . import namespaces as ns
 from .fs import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
+from .process import read_proc
 
 IFA_F_DEPRECATED = 0x20
 RT_SCOPE_HOST = 254
@@ -161,8 +162,7 @@ def host_root_directory() -> int:
 def read_id_map(leader: int, kind: str) -> str | None:
     """/proc/LEADER/uid_map or gid_map; None if the kernel has none."""
     try:
-        with open(f"/proc/{leader}/{kind}") as f:
-            return f.read()
+        return read_proc(leader, kind).decode()
     except FileNotFoundError:
         return None
     except OSError as e:
