@@ -374,3 +374,30 @@ def test_runs_without_the_service_when_its_socket_cannot_be_made(bus: BusDaemon,
         d.stop()
         clean_state()
     assert not d.unexpected_errors()
+
+
+def test_pipelined_and_split_calls(world: World) -> None:
+    """Calls sent back to back are answered in order; a call may arrive in pieces."""
+    import time
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(world.ours.userdb_socket))
+        calls = [_user({"uid": 100000 + i, "service": SVC}) for i in range(300)]
+        s.sendall(b"".join(json.dumps(c).encode() + b"\0" for c in calls))
+        data = b""
+        while data.count(b"\0") < len(calls):
+            chunk = s.recv(65536)
+            assert chunk, "hung up"
+            data += chunk
+        names = [json.loads(r)["parameters"]["record"]["userName"]
+                 for r in data.split(b"\0")[:-1]]
+        assert names == [f"vu-e2eudb-{i}" for i in range(300)]
+        message = json.dumps(_group({"gid": 200009, "service": SVC})).encode() + b"\0"
+        s.sendall(message[:10])
+        time.sleep(0.2)
+        s.sendall(message[10:])
+        reply = b""
+        while not reply.endswith(b"\0"):
+            reply += s.recv(65536)
+        assert json.loads(reply[:-1])["parameters"]["record"]["groupName"] == "vg-e2eudb-9"
