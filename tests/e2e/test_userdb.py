@@ -138,18 +138,23 @@ def _converse(path: str, messages: list[Any]) -> list[str]:
                 oneway = isinstance(message, dict) and message.get("oneway") is True
                 if oneway and i + 1 < len(messages):
                     continue
-                reply = b""
-                while not reply.endswith(b"\0"):
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        out.append(HANGUP)
-                        return out
-                    reply += chunk
+                reply = _read_reply(s)
             except (ConnectionResetError, BrokenPipeError):
-                out.append(HANGUP)
-                return out
-            out.append(reply[:-1].decode())
+                reply = HANGUP
+            out.append(reply)
+            if reply == HANGUP:
+                break
     return out
+
+
+def _read_reply(s: socket.socket) -> str:
+    reply = b""
+    while not reply.endswith(b"\0"):
+        chunk = s.recv(65536)
+        if not chunk:
+            return HANGUP
+        reply += chunk
+    return reply[:-1].decode()
 
 
 class RealMachined:
@@ -350,13 +355,7 @@ def test_abuse_leaves_it_serving(world: World) -> None:
 def _converse_on(s: socket.socket, message: dict[str, Any]) -> str:
     s.settimeout(10)
     s.sendall(json.dumps(message).encode() + b"\0")
-    reply = b""
-    while not reply.endswith(b"\0"):
-        chunk = s.recv(65536)
-        if not chunk:
-            return HANGUP
-        reply += chunk
-    return reply[:-1].decode()
+    return _read_reply(s)
 
 
 def test_runs_without_the_service_when_its_socket_cannot_be_made(bus: BusDaemon,
@@ -397,7 +396,5 @@ def test_pipelined_and_split_calls(world: World) -> None:
         s.sendall(message[:10])
         time.sleep(0.2)
         s.sendall(message[10:])
-        reply = b""
-        while not reply.endswith(b"\0"):
-            reply += s.recv(65536)
-        assert json.loads(reply[:-1])["parameters"]["record"]["groupName"] == "vg-e2eudb-9"
+        reply = _read_reply(s)
+        assert json.loads(reply)["parameters"]["record"]["groupName"] == "vg-e2eudb-9"
