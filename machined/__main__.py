@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import resource
 import sys
 from pathlib import Path
 
 from . import COMPAT_SYSTEMD_VERSION, __version__
+from .logs import setup_logging
 
 INTROSPECT_LIST = [
     ("/org/freedesktop/machine1", "org.freedesktop.machine1.Manager"),
@@ -18,64 +18,6 @@ INTROSPECT_LIST = [
     ("/org/freedesktop/machine1/image", "org.freedesktop.machine1.Image"),
     ("/org/freedesktop/LogControl1", "org.freedesktop.LogControl1"),
 ]
-
-_SYSLOG = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-           logging.CRITICAL: 2}
-
-
-class _LineHandler(logging.Handler):
-    """Each record as one line on stderr, written with one write(): "machined[PID]: LEVEL text",
-    or "<N>text" for journald (which turns N into the priority). The logging module's
-    StreamHandler and Formatter add a lock, a text layer, a flush and a few calls per line; the
-    daemon logs a line per registration, and they cost it a noticeable share of its time."""
-
-    def __init__(self, journal: bool) -> None:
-        super().__init__()
-        self.journal = journal
-        self._set_prefix()
-        os.register_at_fork(after_in_child=self._set_prefix)
-
-    def _set_prefix(self) -> None:
-        self.prefix = f"machined[{os.getpid()}]: "
-
-    def handle(self, record: logging.LogRecord) -> bool:  # no filters; a line is one write()
-        self.emit(record)
-        return True
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = record.getMessage()
-            if record.exc_info:
-                text += "\n" + _EXCEPTIONS.formatException(record.exc_info)
-            if record.stack_info:
-                text += "\n" + record.stack_info
-            if self.journal:
-                line = f"<{_SYSLOG.get(record.levelno, 6)}>{text}\n"
-            else:
-                line = f"{self.prefix}{record.levelname} {text}\n"
-            data = line.encode("utf-8", "backslashreplace")
-            while data:
-                data = data[os.write(2, data):]
-        except Exception:
-            self.handleError(record)
-
-
-_EXCEPTIONS = logging.Formatter()
-
-
-def setup_logging(level: str) -> None:
-    from .bus.logcontrol import LEVELS
-
-    # Per record, logging would also look up the caller's frame, thread and process pool: none
-    # of it is printed (logging HOWTO, "Optimization").
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    root = logging.getLogger()
-    root.handlers[:] = [_LineHandler(journal=bool(os.environ.get("JOURNAL_STREAM")))]
-    root.setLevel(LEVELS[level])
-
 
 def bus_introspect(target: str) -> int:
     if target == "list":
@@ -154,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(state_dir=args.state_dir, scope_backend=args.scope_backend,
                       stop_timeout=args.stop_timeout, log_level=args.log_level,
                       image_root=args.image_root.rstrip("/"), userdb_dir=args.userdb_dir)
+    if os.environ.get('MACHINED_UVLOOP'):
+        import uvloop
+        return uvloop.run(run(options))
     return asyncio.run(run(options))
 
 

@@ -168,6 +168,7 @@ async def run(options: Options) -> int:
     userdb.close()
     objects.close()
     images.close()
+    dispatcher.close()
     with contextlib.suppress(Exception):
         bus.close()
     return 1 if bus_lost else 0

@@ -26,7 +26,9 @@ from ..core.errors import UnknownObject
 from . import client
 from .errors import to_dbus
 from .fallback import FallbackVtable
+from .libsdbus import Unavailable
 from .msgflags import allows_interactive_authorization
+from .privileged import PrivilegedMethods
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,7 @@ class Dispatcher:
         self._creds: dict[str, Creds] = {}
         # sd-bus drops an object when its vtable object is garbage-collected: keep them here.
         self._exports: dict[tuple[str, str], SdBusInterface] = {}
+        self._privileged: PrivilegedMethods | None = None
 
     # ------------------------------------------------------------- credentials
     async def watch_peers(self) -> None:
@@ -153,9 +156,26 @@ class Dispatcher:
 
     # ------------------------------------------------------------- export
     def export(self, path: str, iface: Interface) -> None:
-        vtable = self._vtable(iface, self._callback, _getter)
+        dispatchers = {m.name: self._callback(m) for m in iface.methods}
+        vtable = self._vtable(iface, lambda m: dispatchers[m.name], _getter)
         self.bus.add_interface(vtable, path, iface.name)
         self._exports[(path, iface.name)] = vtable
+        for method in iface.methods:
+            if method.privileged:
+                self._intercept(path, iface.name, method, dispatchers[method.name])
+
+    def _intercept(self, path: str, interface: str, method: Method,
+                   dispatch: Callable[[SdBusMessage], None]) -> None:
+        """Privileged calls checked with cached credentials (see bus/privileged.py); without
+        the interception sd-bus checks them itself, with a bus round trip per call."""
+        try:
+            if self._privileged is None:
+                self._privileged = PrivilegedMethods(self.bus,
+                                                     lambda sender: self.creds_now(sender).uid)
+            self._privileged.intercept(path, interface, method.name, method.in_sig, dispatch)
+        except (Unavailable, OSError) as e:
+            log.warning("Leaving the access check of %s.%s() to sd-bus: %s", interface,
+                        method.name, e)
 
     def export_fallback(self, prefix: str, iface: Interface, find: Callable[[str], Any],
                         children: Callable[[], Iterable[str]]) -> FallbackVtable:
@@ -249,6 +269,10 @@ class Dispatcher:
     async def drain(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+    def close(self) -> None:
+        if self._privileged is not None:
+            self._privileged.close()
 
 
 def _replier(method: Method) -> Callable[[SdBusMessage, Any], None]:

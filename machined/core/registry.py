@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
+from ..logs import info_after_reply
 from . import eager
 from .errors import ErrnoError, JobFailed, MachinedError, MachineExists
 from .machine import Machine, MachineClass, Timestamp
@@ -32,9 +33,7 @@ _MAX_EARLY_JOBS = 1024
 
 
 def _log_after_reply(msg: str, *args: object) -> None:
-    """Log at the next turn of the event loop, after the reply has gone out: registering and
-    unregistering log a line each, and the caller need not wait for it."""
-    asyncio.get_running_loop().call_soon(log.info, msg, *args)
+    info_after_reply(log, msg, *args)  # registering and unregistering log a line each
 
 
 class Registry:

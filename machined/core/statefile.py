@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,6 +84,10 @@ class StateDir:
 
     def __init__(self, path: Path = DEFAULT_STATE_DIR) -> None:
         self.path = path
+        # The daemon runs with umask 022, which gives 0644 at creation: no fchmod() needed then.
+        umask = os.umask(0o022)
+        os.umask(umask)
+        self._chmod = bool(umask & 0o644)
 
     def ensure(self) -> None:
         try:
@@ -96,7 +101,7 @@ class StateDir:
         # Plain strings and os calls, not pathlib: this runs for every registration.
         directory = str(self.path)
         final = f"{directory}/{m.name}"
-        tmp = f"{directory}/.#{m.name}{os.urandom(3).hex()}"
+        tmp = f"{directory}/.#{m.name}{random.getrandbits(24):06x}"  # O_EXCL makes it unique
         try:
             try:
                 fd = os.open(tmp, _CREATE, 0o644)
@@ -105,7 +110,8 @@ class StateDir:
                 fd = os.open(tmp, _CREATE, 0o644)
             try:
                 os.write(fd, serialize(m).encode("utf-8", errors="surrogateescape"))
-                os.fchmod(fd, 0o644)
+                if self._chmod:
+                    os.fchmod(fd, 0o644)
             finally:
                 os.close(fd)
             os.rename(tmp, final)

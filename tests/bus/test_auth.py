@@ -46,6 +46,45 @@ def test_privileged_methods_refused_by_sd_bus(machined: Machined, bus: BusDaemon
                                       f"{IFACE}.{method}() not permitted.")
 
 
+# One connection, three registrations (a process of its own: registering its own child would
+# move the caller into the machine's scope, as for `systemd-nspawn --keep-unit`).
+REGISTER_THREE = """
+import sys
+from sdbus.sd_bus_internals import sd_bus_open_system
+caller = sd_bus_open_system()
+for i, pid in enumerate(sys.argv[1:]):
+    msg = caller.new_method_call_message("org.freedesktop.machine1", "/org/freedesktop/machine1",
+                                         "org.freedesktop.machine1.Manager", "RegisterMachine")
+    msg.append_data("sayssus", f"once{i}", b"", "test", "container", int(pid), "")
+    print(caller.call(msg).get_contents())
+"""
+
+
+def test_privileged_calls_ask_the_bus_for_credentials_once_per_connection(
+        machined: Machined, bus: BusDaemon) -> None:
+    """sd-bus would ask the bus driver for the caller's credentials on every privileged call;
+    the daemon asks once per connection (a connection's credentials never change)."""
+    leaders = [subprocess.Popen(["sleep", "300"]) for _ in range(3)]
+    monitor = subprocess.Popen(
+        ["dbus-monitor", "--system", "--monitor", "destination='org.freedesktop.DBus'"],
+        env=bus.env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        time.sleep(0.5)  # the monitor is in place
+        out = subprocess.run([sys.executable, "-c", REGISTER_THREE, *(str(p.pid) for p in leaders)],
+                             env=bus.env(), capture_output=True, text=True, check=True, timeout=30)
+        assert out.stdout.split() == [f"{PATH}/machine/once{i}" for i in range(3)]
+        time.sleep(0.5)
+    finally:
+        monitor.terminate()
+        seen, _ = monitor.communicate(timeout=10)
+        for leader in leaders:
+            leader.kill()
+            leader.wait()
+    # sd-bus itself asks with GetConnectionUnixUser, the daemon with GetConnectionCredentials
+    asked = [line for line in seen.splitlines() if "member=GetConnection" in line]
+    assert len(asked) == 1, seen
+
+
 def test_no_polkit_denies_unprivileged(machined: Machined, bus: BusDaemon,
                                        sleeper: subprocess.Popen[bytes]) -> None:
     register(bus, "authct", sleeper.pid)

@@ -46,6 +46,11 @@ CASES = [
                 "org.freedesktop.machine1.Manager."),
     ("GetMachine", ["int32:5"], "org.freedesktop.DBus.Error.InvalidArgs: Invalid arguments 'i' to "
                                 "call org.freedesktop.machine1.Manager.GetMachine(), expecting 's'."),
+    # the privileged methods, answered before sd-bus's dispatch (bus/privileged.py), say the same
+    ("RegisterMachine", ["string:x"], "org.freedesktop.DBus.Error.InvalidArgs: Invalid arguments "
+     "'s' to call org.freedesktop.machine1.Manager.RegisterMachine(), expecting 'sayssus'."),
+    ("OpenMachinePTY", [], "org.freedesktop.DBus.Error.InvalidArgs: Invalid arguments '' to call "
+                           "org.freedesktop.machine1.Manager.OpenMachinePTY(), expecting 's'."),
 ]
 
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from machined.__main__ import _LineHandler
+from machined.logs import LineHandler as _LineHandler
 
 
 @pytest.fixture
@@ -52,3 +52,59 @@ def test_child_after_fork_uses_its_own_pid(log: logging.Logger,
         os._exit(0)
     os.waitpid(pid, 0)
     assert capfd.readouterr().err == f"machined[{pid}]: INFO from the child\n"
+
+
+def test_lines_after_the_reply_go_out_together(capfd: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """info_after_reply: nothing before the next turn of the loop, then one write() for all the
+    lines of the turn through the daemon's handler."""
+    import asyncio
+
+    from machined import logs
+
+    handler = _LineHandler(journal=False)
+    monkeypatch.setattr(logs, "_direct", handler)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [handler])
+    logger = logging.getLogger("machined.test-after-reply")
+    logger.setLevel(logging.INFO)
+    writes: list[bytes] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: bytes) -> int:
+        if fd == 2:
+            writes.append(bytes(data))
+        return real_write(fd, data)
+
+    quiet = logging.getLogger("machined.test-quiet")
+    quiet.setLevel(logging.WARNING)
+
+    async def turn() -> str:
+        logs.info_after_reply(logger, "New machine %s.", "a")
+        logs.info_after_reply(quiet, "not %s", "shown")
+        logs.info_after_reply(logger, "Machine %s terminated.", "b")
+        before = capfd.readouterr().err
+        await asyncio.sleep(0)
+        return before
+
+    monkeypatch.setattr(os, "write", counting_write)
+    before = asyncio.run(turn())
+    monkeypatch.setattr(os, "write", real_write)
+    prefix = f"machined[{os.getpid()}]: INFO "
+    assert before == ""
+    assert capfd.readouterr().err == f"{prefix}New machine a.\n{prefix}Machine b terminated.\n"
+    assert len(writes) == 1
+
+
+def test_lines_after_the_reply_without_the_daemons_handler(caplog: pytest.LogCaptureFixture) -> None:
+    """Elsewhere (tests, other handlers) they are ordinary log records."""
+    import asyncio
+
+    from machined import logs
+
+    async def turn() -> None:
+        logs.info_after_reply(logging.getLogger("machined.test-plain"), "New machine %s.", "c")
+        await asyncio.sleep(0)
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(turn())
+    assert [r.getMessage() for r in caplog.records] == ["New machine c."]

@@ -62,3 +62,15 @@ def test_environment() -> None:
     assert not environment_is_valid(["FOO"])
     assert not environment_is_valid(["1A=x"])
     assert not environment_is_valid(["A=1", "A=2"])
+
+
+def test_who_may_call_privileged_methods() -> None:
+    """sd_bus_query_sender_privilege() with no capabilities from the driver: our UID, or root
+    when we are not root."""
+    from machined.bus.privileged import sender_is_privileged
+
+    assert sender_is_privileged(0, 0)
+    assert not sender_is_privileged(1000, 0)
+    assert sender_is_privileged(1000, 1000)
+    assert sender_is_privileged(0, 1000)
+    assert not sender_is_privileged(1001, 1000)

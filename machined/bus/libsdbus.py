@@ -1,0 +1,122 @@
+"""The one place that calls into the sd-bus which sdbus links statically, through ctypes, for
+what sdbus 0.14 does not wrap: fallback vtables and node enumerators (bus/fallback.py), local
+match callbacks (bus/privileged.py) and message header flags (bus/msgflags.py).
+
+sdbus's Python objects hold their C pointers right after the PyObject header; the struct
+layouts read here are sdbus 0.14's (pinned) and every accessor checks what it reads against
+the live object before trusting it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from functools import cache
+
+from sdbus import sd_bus_internals
+from sdbus.sd_bus_internals import SdBus, SdBusInterface, SdBusMessage
+
+_P = ctypes.sizeof(ctypes.c_void_p)
+_HEADER = 2 * _P  # PyObject_HEAD: ob_refcnt, ob_type
+
+_vp, _cp, _int = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
+
+# int (*sd_bus_object_find_t)(sd_bus*, const char *path, const char *interface, void *userdata,
+#                             void **ret_found, sd_bus_error *ret_error)
+FIND = ctypes.CFUNCTYPE(_int, _vp, _cp, _cp, _vp, ctypes.POINTER(_vp), _vp)
+# int (*sd_bus_node_enumerator_t)(sd_bus*, const char *prefix, void *userdata, char ***ret_nodes,
+#                                 sd_bus_error *ret_error)
+ENUMERATE = ctypes.CFUNCTYPE(_int, _vp, _cp, _vp, ctypes.POINTER(_vp), _vp)
+# int (*sd_bus_message_handler_t)(sd_bus_message *m, void *userdata, sd_bus_error *ret_error)
+HANDLER = ctypes.CFUNCTYPE(_int, _vp, _vp, _vp)
+
+
+class Unavailable(RuntimeError):
+    """sdbus's objects are not laid out as expected: do without the feature."""
+
+
+@cache
+def lib() -> ctypes.CDLL:
+    so = ctypes.CDLL(sd_bus_internals.__file__)
+    for name, restype, argtypes in (
+        ("sd_bus_add_fallback_vtable", _int, [_vp, ctypes.POINTER(_vp), _cp, _cp, _vp, FIND, _vp]),
+        ("sd_bus_add_node_enumerator", _int, [_vp, ctypes.POINTER(_vp), _cp, ENUMERATE, _vp]),
+        ("sd_bus_add_match", _int, [_vp, ctypes.POINTER(_vp), _cp, HANDLER, _vp]),
+        ("sd_bus_slot_unref", _vp, [_vp]),
+        ("sd_bus_get_fd", _int, [_vp]),
+        ("sd_bus_get_current_message", _vp, [_vp]),
+        ("sd_bus_message_get_sender", _cp, [_vp]),
+        ("sd_bus_message_get_member", _cp, [_vp]),
+        ("sd_bus_message_get_signature", _cp, [_vp, _int]),
+        ("sd_bus_message_get_allow_interactive_authorization", _int, [_vp]),
+        # sdbus's own: points an empty SdBusMessage at a message, taking a reference
+        ("_SdBusMessage_set_messsage", None, [ctypes.py_object, _vp]),
+    ):
+        function = getattr(so, name)
+        function.restype = restype
+        function.argtypes = argtypes
+    return so
+
+
+@cache
+def libc() -> ctypes.CDLL:
+    c = ctypes.CDLL(None)
+    c.malloc.argtypes = [ctypes.c_size_t]
+    c.malloc.restype = ctypes.c_void_p
+    c.strdup.argtypes = [ctypes.c_char_p]
+    c.strdup.restype = ctypes.c_void_p
+    return c
+
+
+def _field(obj: object, index: int) -> int | None:
+    """The index-th pointer after the PyObject header of a C-level object."""
+    if hasattr(sys, "getobjects"):  # debug builds have a larger header
+        raise Unavailable("a debug build of Python lays objects out differently")
+    return ctypes.c_void_p.from_address(id(obj) + _HEADER + index * _P).value
+
+
+def bus_pointer(bus: SdBus) -> int:
+    """The sd_bus* of sdbus's bus object."""
+    ptr = _field(bus, 0)
+    if not ptr or lib().sd_bus_get_fd(ptr) != bus.get_fd():
+        raise Unavailable("sdbus's SdBus layout is not the expected one")
+    return ptr
+
+
+def vtable_pointer(iface: SdBusInterface) -> int:
+    """The sd_bus_vtable* sdbus builds for an interface (built here if not yet)."""
+    members = (iface.method_list, iface.method_dict, iface.property_list,
+               iface.property_get_dict, iface.property_set_dict, iface.signal_list)
+    if any(_field(iface, 1 + i) != id(m) for i, m in enumerate(members)):
+        raise Unavailable("sdbus's SdBusInterface layout is not the expected one")
+    iface._create_vtable()  # type: ignore[attr-defined]  # not in sdbus's stubs
+    ptr = _field(iface, 7)
+    if not ptr:
+        raise Unavailable("sdbus built no vtable")
+    return ptr
+
+
+def message_pointer(msg: SdBusMessage) -> int | None:
+    """The sd_bus_message* of sdbus's message object, or None if it cannot be told safely."""
+    try:
+        ptr = _field(msg, 0)
+    except Unavailable:
+        return None
+    if not ptr:
+        return None
+    member = lib().sd_bus_message_get_member(ptr)
+    # The pointer really is this message's before anything is read through it.
+    return ptr if member is not None and member.decode() == msg.member else None
+
+
+def wrap_message(ptr: int) -> SdBusMessage:
+    """An sdbus message object for a message sd-bus hands to a ctypes callback."""
+    msg = SdBusMessage()
+    lib()._SdBusMessage_set_messsage(msg, ptr)
+    return msg
+
+
+def signature(ptr: int) -> str:
+    """The complete signature of a message's body."""
+    sig = lib().sd_bus_message_get_signature(ptr, 1)
+    return sig.decode() if sig else ""

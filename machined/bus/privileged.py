@@ -1,0 +1,109 @@
+"""The methods 252 leaves privileged (Create*, Register*, OpenMachinePTY), answered before
+sd-bus's object dispatch, with the same access check made from the caller's cached credentials.
+
+Why: sd-bus checks the caller of a privileged method with a synchronous GetConnectionCredentials
+call to the bus driver on every call (sd_bus_query_sender_privilege); that round trip was the
+largest part of what a RegisterMachine costs. A connection's credentials never change (the
+driver records them when the peer connects), so asking once per connection answers the same
+question. The vtable keeps the methods privileged, because that flag is also what puts the
+`org.freedesktop.systemd1.Privileged` annotation into sd-bus's introspection.
+
+How: sd-bus runs local match callbacks before it looks at object vtables (process_match comes
+before bus_process_object), so one match rule per method gets its calls first. The callback
+does what sd-bus's method dispatch would do, in the same order: the access check ("Access to
+I.M() not permitted."), then the signature check ("Invalid arguments ..."), then the method's
+handler. A call it cannot take (its credentials cannot be looked up, say) goes on to the vtable,
+which answers it exactly as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from sdbus.sd_bus_internals import SdBus, SdBusMessage
+
+from . import libsdbus
+
+log = logging.getLogger(__name__)
+
+ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
+
+
+def sender_is_privileged(sender_uid: int, our_uid: int) -> bool:
+    """sd_bus_query_sender_privilege() on a bus whose driver tells no capabilities (dbus-daemon):
+    the caller runs as our UID, or as root when we are not root."""
+    return sender_uid == our_uid or (our_uid != 0 and sender_uid == 0)
+
+
+class PrivilegedMethods:
+    """Match callbacks for privileged methods; `uid_of(sender)` is the caller's UID (cached per
+    connection) and may raise when the driver cannot tell it."""
+
+    def __init__(self, bus: SdBus, uid_of: Callable[[str], int]) -> None:
+        self._bus_ptr = libsdbus.bus_pointer(bus)
+        self._uid_of = uid_of
+        self._our_uid = os.getuid()
+        self._slots: list[Any] = []
+        self._callbacks: list[Any] = []  # ctypes callbacks must outlive their slots
+        _check_wrapping(bus)
+
+    def intercept(self, path: str, interface: str, member: str, signature: str,
+                  dispatch: Callable[[SdBusMessage], None]) -> None:
+        denied = f"Access to {interface}.{member}() not permitted."
+
+        def on_call(msg_ptr: int, _userdata: int, _error: int) -> int:
+            try:
+                msg = libsdbus.wrap_message(msg_ptr)
+                uid = self._uid_of(msg.sender or "")
+            except Exception as e:  # noqa: BLE001 - sd-bus's own path answers this call
+                log.debug("Leaving %s.%s() to sd-bus: %s", interface, member, e)
+                return 0
+            try:
+                if not sender_is_privileged(uid, self._our_uid):
+                    _reply_error(msg, ACCESS_DENIED, denied)
+                    return 1
+                got = libsdbus.signature(msg_ptr)
+                if got != signature:
+                    _reply_error(msg, INVALID_ARGS,
+                                 f"Invalid arguments '{got}' to call {interface}.{member}(), "
+                                 f"expecting '{signature}'.")
+                    return 1
+                dispatch(msg)
+            except Exception:  # never unwind into sd-bus; dispatch answers its own errors
+                log.exception("Failed to dispatch %s.%s()", interface, member)
+            return 1
+
+        rule = (f"type='method_call',path='{path}',interface='{interface}',"
+                f"member='{member}'")
+        callback = libsdbus.HANDLER(on_call)
+        slot = ctypes.c_void_p()
+        r = libsdbus.lib().sd_bus_add_match(self._bus_ptr, ctypes.byref(slot),
+                                            rule.encode(), callback, None)
+        if r < 0:
+            raise OSError(-r, f"Failed to add match {rule}")
+        self._slots.append(slot)
+        self._callbacks.append(callback)
+
+    def close(self) -> None:
+        for slot in self._slots:
+            libsdbus.lib().sd_bus_slot_unref(slot)
+        self._slots.clear()
+
+
+def _reply_error(msg: SdBusMessage, name: str, text: str) -> None:
+    if msg.expect_reply:
+        msg.create_error_reply(name, text).send()
+
+
+def _check_wrapping(bus: SdBus) -> None:
+    """A message object made by wrap_message points at the message it was given."""
+    probe = bus.new_method_call_message("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                        "org.freedesktop.DBus", "GetId")
+    ptr = libsdbus.message_pointer(probe)
+    if ptr is None or libsdbus.message_pointer(libsdbus.wrap_message(ptr)) != ptr:
+        raise libsdbus.Unavailable("sdbus's SdBusMessage layout is not the expected one")
