@@ -96,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(state_dir=args.state_dir, scope_backend=args.scope_backend,
                       stop_timeout=args.stop_timeout, log_level=args.log_level,
                       image_root=args.image_root.rstrip("/"), userdb_dir=args.userdb_dir)
-    if os.environ.get('MACHINED_UVLOOP'):
-        import uvloop
-        return uvloop.run(run(options))
-    return asyncio.run(run(options))
+    # uvloop: the event loop in C. Each bus call wakes the loop once, and asyncio's own loop,
+    # in Python, cost a lookup about a fifth of the daemon's CPU time (docs/benchmarks.md).
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(run(options))
 
 
 if __name__ == "__main__":

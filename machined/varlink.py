@@ -16,7 +16,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .core.errors import ErrnoError
 from .core.userdb import INTERFACE, SERVICE, SYSTEM_ERROR, UserDatabase, VarlinkError
@@ -141,8 +141,8 @@ class _Connection(asyncio.Protocol):
         self.buffer = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (uvloop's do not derive from asyncio.Transport)
+        self.transport = cast(asyncio.Transport, transport)
         try:
             uid = peer_uid(transport.get_extra_info("socket"))
         except OSError:
