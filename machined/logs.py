@@ -44,7 +44,7 @@ class LineHandler(logging.Handler):
 
     def write(self, levelno: int, levelname: str, texts: list[str]) -> None:
         head = f"<{_SYSLOG.get(levelno, 6)}>" if self.journal else f"{self.prefix}{levelname} "
-        data = "".join(f"{head}{text}\n" for text in texts).encode("utf-8", "backslashreplace")
+        data = "".join([f"{head}{text}\n" for text in texts]).encode("utf-8", "backslashreplace")
         while data:
             data = data[os.write(2, data):]
 
