@@ -196,6 +196,13 @@ class Registry:
         m.started = True
         self._save(m)
         self.listener.machine_new(m)
+        # The leader is watched right after the reply: nobody waits for that, and a leader that
+        # exits in between is seen all the same (its pidfd cannot be had, or reports the exit).
+        asyncio.get_running_loop().call_soon(self._watch_leader, m)
+
+    def _watch_leader(self, m: Machine) -> None:
+        if self.leaders.get(m.leader) is not m or not m.started:
+            return  # gone already
         if not self.watcher.watch(m.leader, lambda: self._leader_exited(m)):
             self.queue_gc(m)
 

@@ -213,12 +213,29 @@ async def test_unknown_class_fails_to_start(world: World) -> None:
 
 async def test_leader_exit_removes_machine(world: World) -> None:
     await world.registry.create(spec(), [], 1)
+    await asyncio.sleep(0)  # the leader is watched once the reply is out
     world.watcher.exit(100)
     await world.settle()
     assert world.registry.get("ct") is None
     assert world.listener.events[-2:] == [("removed", "ct"), ("freed", "ct")]
     assert not (world.statedir.path / "ct").exists()
     assert ("stop", "machine-ct.scope") in world.backend.calls  # our scope: leftovers stopped
+
+
+async def test_leader_dead_before_it_is_watched(world: World) -> None:
+    world.backend.pid_units[100] = "foo.service"
+    await world.registry.register(spec(), 1)
+    world.watcher.dead.add(100)  # between the reply and the watch
+    await world.settle()
+    assert world.registry.get("ct") is None
+
+
+async def test_unregistered_before_the_leader_is_watched(world: World) -> None:
+    world.backend.pid_units[100] = "foo.service"
+    m = await world.registry.register(spec(), 1)
+    world.registry.unregister(m)
+    await world.settle()
+    assert world.watcher.callbacks == {}
 
 
 async def test_unit_gone_removes_machine(world: World) -> None:
