@@ -143,17 +143,21 @@ class Hierarchy:
 
     def populated(self, path: str) -> bool:
         try:
-            with open(self.fs(path) + "/cgroup.events") as f:
-                for line in f:
-                    key, _, value = line.partition(" ")
-                    if key == "populated":
-                        return value.strip() == "1"
+            fd = os.open(self.fs(path) + "/cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                events = os.read(fd, 4096)  # "populated N\nfrozen N\n": one read
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             return False
         except OSError as e:
             if e.errno == errno.ENODEV:  # removed between open() and read()
                 return False
             raise
+        for line in events.split(b"\n"):
+            key, _, value = line.partition(b" ")
+            if key == b"populated":
+                return value.strip() == b"1"
         return any(True for _ in self.pids(path))
 
     def _dirs_bottom_up(self, path: str) -> list[str]:

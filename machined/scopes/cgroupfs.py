@@ -72,11 +72,20 @@ class CgroupfsBackend:
         if old is not None and old.watch >= 0:
             self.inotify.remove(old.watch)
         self.scopes[scope.unit] = scope
+        # Watched right after the reply: the kernel's walk of the cgroup path makes the watch one
+        # of a registration's dearest steps, and nobody waits for it.
+        asyncio.get_running_loop().call_soon(self._watch, scope)
+
+    def _watch(self, scope: Scope) -> None:
+        if self.scopes.get(scope.unit) is not scope:
+            return  # forgotten meanwhile
         try:
             scope.watch = self.inotify.add(self.hierarchy.fs(scope.path) + "/cgroup.events",
                                            IN_MODIFY, lambda: self._events(scope))
         except OSError as e:
             log.debug("Cannot watch %s: %s", scope.path, e)
+            return
+        self._events(scope)  # it may have emptied before the watch was there
 
     def _events(self, scope: Scope) -> None:
         if self.hierarchy.populated(scope.path):

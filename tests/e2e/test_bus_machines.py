@@ -4,6 +4,7 @@ KillMachine, UnregisterMachine."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 from tests.helpers.busdaemon import BusDaemon
-from tests.helpers.daemon import Machined, busctl, wait_for
+from tests.helpers.daemon import Machined, busctl, cgroup2_mount, wait_for
 
 from .support import (
     Monitor,
@@ -209,3 +210,35 @@ def test_machine_self_path(bus: BusDaemon, machined: Machined, procs: Processes)
     assert "Unknown object '/org/freedesktop/machine1/machine/self'" in host.stderr
     tree = busctl(bus, "tree", "--list", "org.freedesktop.machine1").stdout.split()
     assert "/org/freedesktop/machine1/machine/self" not in tree
+
+
+def test_foreign_scope_emptied_removes_machine(bus: BusDaemon, machined: Machined,
+                                               monitor: Monitor, procs: Processes) -> None:
+    """A machine registered in a scope somebody else made goes when that scope empties, even
+    though its leader lives on elsewhere (as 252 drops it when systemd's unit goes)."""
+    name = unique_name("foreign")
+    slice_dir = Path(cgroup2_mount()) / "machine.slice"
+    made_slice = not slice_dir.exists()
+    theirs, elsewhere = slice_dir / f"{name}.scope", slice_dir / f"{name}-elsewhere.scope"
+    leader = procs.sleeper()
+    try:
+        for cgroup in (theirs, elsewhere):
+            cgroup.mkdir(parents=True)
+        (theirs / "cgroup.procs").write_text(str(leader.pid))
+        path = register_machine(bus, name, leader.pid)
+        assert machine_prop(bus, name, "Unit") == f"{name}.scope"
+        (elsewhere / "cgroup.procs").write_text(str(leader.pid))  # the scope is empty now
+        assert monitor.wait_signal("MachineRemoved", lambda a: a[0] == name, timeout=2) == \
+            [name, path]
+        assert pid_alive(leader.pid)
+        assert theirs.exists()  # not ours to remove
+    finally:
+        leader.kill()
+        leader.wait()
+        for cgroup in (theirs, elsewhere):
+            wait_for(lambda c=cgroup: not c.exists() or not cgroup_pids(c), 5)
+            if cgroup.exists():
+                cgroup.rmdir()
+        if made_slice:
+            with contextlib.suppress(OSError):
+                slice_dir.rmdir()
