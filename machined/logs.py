@@ -81,7 +81,7 @@ def info_after_reply(logger: logging.Logger, msg: str, *args: object) -> None:
         return
     if not _pending:
         asyncio.get_running_loop().call_soon(_flush)
-    _pending.append((logger, msg % args))
+    _pending.append((logger, msg % args if args else msg))
 
 
 def _flush() -> None:
