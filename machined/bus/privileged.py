@@ -1,9 +1,9 @@
 """The methods 252 leaves privileged (Create*, Register*, OpenMachinePTY), answered before
 sd-bus's object dispatch, with the same access check made from the caller's cached credentials.
 
-Why: sd-bus checks the caller of a privileged method with a synchronous GetConnectionCredentials
-call to the bus driver on every call (sd_bus_query_sender_privilege); that round trip was the
-largest part of what a RegisterMachine costs. A connection's credentials never change (the
+Why: sd-bus checks the caller of a privileged method with a synchronous call to the bus driver
+(GetConnectionUnixUser, from sd_bus_query_sender_privilege) on every call; that round trip was the
+largest part of what a RegisterMachine cost. A connection's credentials never change (the
 driver records them when the peer connects), so asking once per connection answers the same
 question. The vtable keeps the methods privileged, because that flag is also what puts the
 `org.freedesktop.systemd1.Privileged` annotation into sd-bus's introspection.
@@ -26,13 +26,11 @@ from typing import Any
 
 from sdbus.sd_bus_internals import SdBus, SdBusMessage
 
+from ..core.errors import AccessDenied, InvalidArgs, MachinedError
 from . import libsdbus
+from .errors import to_dbus
 
 log = logging.getLogger(__name__)
-
-ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
-INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
-
 
 def sender_is_privileged(sender_uid: int, our_uid: int) -> bool:
     """sd_bus_query_sender_privilege() on a bus whose driver tells no capabilities (dbus-daemon):
@@ -65,13 +63,13 @@ class PrivilegedMethods:
                 return 0
             try:
                 if not sender_is_privileged(uid, self._our_uid):
-                    _reply_error(msg, ACCESS_DENIED, denied)
+                    _reply_error(msg, AccessDenied(denied))
                     return 1
                 got = libsdbus.signature(msg_ptr)
                 if got != signature:
-                    _reply_error(msg, INVALID_ARGS,
-                                 f"Invalid arguments '{got}' to call {interface}.{member}(), "
-                                 f"expecting '{signature}'.")
+                    _reply_error(msg, InvalidArgs(
+                        f"Invalid arguments '{got}' to call {interface}.{member}(), "
+                        f"expecting '{signature}'."))
                     return 1
                 dispatch(msg)
             except Exception:  # never unwind into sd-bus; dispatch answers its own errors
@@ -95,9 +93,9 @@ class PrivilegedMethods:
         self._slots.clear()
 
 
-def _reply_error(msg: SdBusMessage, name: str, text: str) -> None:
+def _reply_error(msg: SdBusMessage, error: MachinedError) -> None:
     if msg.expect_reply:
-        msg.create_error_reply(name, text).send()
+        msg.create_error_reply(*to_dbus(error)).send()
 
 
 def _check_wrapping(bus: SdBus) -> None:
