@@ -3,10 +3,10 @@ sd_bus_add_fallback_vtable() with a find callback, plus a node enumerator for in
 
 sdbus 0.14 exports only exact-path vtables, one SdBusInterface (~11 KiB) per object. It does not
 wrap the fallback calls, so they are made through bus/libsdbus.py, with the C vtable sdbus builds
-for a single SdBusInterface. sdbus's own C callbacks
-expect that SdBusInterface as their userdata, so the find callback hands it back for every object
-that exists. Property getters are not told the object path by sdbus; sd-bus always runs the find
-callback for an object right before its getters, so the object found last is the one they read.
+for a single SdBusInterface. sdbus's own C callbacks expect that SdBusInterface as their
+userdata, so the find callback hands it back for every object that exists. Property getters are
+not told the object path by sdbus; sd-bus always runs the find callback for an object right
+before its getters, so the object found last is the one they read.
 
 libsdbus checks the struct layouts it reads against the live objects at start-up and refuses to
 run rather than guess.

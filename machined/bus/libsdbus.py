@@ -116,6 +116,15 @@ def wrap_message(ptr: int) -> SdBusMessage:
     return msg
 
 
+def check_wrap_message(bus: SdBus) -> None:
+    """A message object made by wrap_message points at the message it was given."""
+    probe = bus.new_method_call_message("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                        "org.freedesktop.DBus", "GetId")
+    ptr = message_pointer(probe)
+    if ptr is None or message_pointer(wrap_message(ptr)) != ptr:
+        raise Unavailable("sdbus's SdBusMessage layout is not the expected one")
+
+
 def signature(ptr: int) -> str:
     """The complete signature of a message's body."""
     sig = lib().sd_bus_message_get_signature(ptr, 1)

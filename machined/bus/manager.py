@@ -30,20 +30,15 @@ class Manager:
         return m
 
     # ------------------------------------------------------------- lookups
-    # The two lookups read the registry's tables directly: they are the hottest calls.
     def get_machine(self, call: Call, name: str) -> str:
-        m = self.registry.machines.get(name)
-        if m is None:
-            raise NoSuchMachine(name)
-        return m.path
+        return self._machine(name).path
 
     def get_machine_by_pid(self, call: Call, pid: int) -> Any:
         if pid >= 2**31:
             raise InvalidArgs("Invalid argument")
         if pid == 0:
             return self._machine_by_sender_pid(call)
-        m = self.registry.leaders.get(pid)  # a leader: the common case, found without /proc
-        return m.path if m is not None else self._path_of_pid(pid)
+        return self._path_of_pid(pid)
 
     async def _machine_by_sender_pid(self, call: Call) -> str:
         return self._path_of_pid((await call.creds()).pid)

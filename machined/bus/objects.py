@@ -170,8 +170,8 @@ class Dispatcher:
         the interception sd-bus checks them itself, with a bus round trip per call."""
         try:
             if self._privileged is None:
-                self._privileged = PrivilegedMethods(self.bus,
-                                                     lambda sender: self.creds_now(sender).uid)
+                self._privileged = PrivilegedMethods(
+                    self.bus, lambda sender: self.creds_now(sender).uid, self._reply_error)
             self._privileged.intercept(path, interface, method.name, method.in_sig, dispatch)
         except (Unavailable, OSError) as e:
             log.warning("Leaving the access check of %s.%s() to sd-bus: %s", interface,

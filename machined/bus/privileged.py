@@ -26,11 +26,11 @@ from typing import Any
 
 from sdbus.sd_bus_internals import SdBus, SdBusMessage
 
-from ..core.errors import AccessDenied, InvalidArgs, MachinedError
+from ..core.errors import AccessDenied, InvalidArgs
 from . import libsdbus
-from .errors import to_dbus
 
 log = logging.getLogger(__name__)
+
 
 def sender_is_privileged(sender_uid: int, our_uid: int) -> bool:
     """sd_bus_query_sender_privilege() on a bus whose driver tells no capabilities (dbus-daemon):
@@ -40,15 +40,18 @@ def sender_is_privileged(sender_uid: int, our_uid: int) -> bool:
 
 class PrivilegedMethods:
     """Match callbacks for privileged methods; `uid_of(sender)` is the caller's UID (cached per
-    connection) and may raise when the driver cannot tell it."""
+    connection) and may raise when the driver cannot tell it; `refuse(msg, error)` answers a
+    call with an error, as the dispatcher answers any other."""
 
-    def __init__(self, bus: SdBus, uid_of: Callable[[str], int]) -> None:
+    def __init__(self, bus: SdBus, uid_of: Callable[[str], int],
+                 refuse: Callable[[SdBusMessage, BaseException], None]) -> None:
         self._bus_ptr = libsdbus.bus_pointer(bus)
+        libsdbus.check_wrap_message(bus)
         self._uid_of = uid_of
+        self._refuse = refuse
         self._our_uid = os.getuid()
         self._slots: list[Any] = []
         self._callbacks: list[Any] = []  # ctypes callbacks must outlive their slots
-        _check_wrapping(bus)
 
     def intercept(self, path: str, interface: str, member: str, signature: str,
                   dispatch: Callable[[SdBusMessage], None]) -> None:
@@ -63,11 +66,11 @@ class PrivilegedMethods:
                 return 0
             try:
                 if not sender_is_privileged(uid, self._our_uid):
-                    _reply_error(msg, AccessDenied(denied))
+                    self._refuse(msg, AccessDenied(denied))
                     return 1
                 got = libsdbus.signature(msg_ptr)
                 if got != signature:
-                    _reply_error(msg, InvalidArgs(
+                    self._refuse(msg, InvalidArgs(
                         f"Invalid arguments '{got}' to call {interface}.{member}(), "
                         f"expecting '{signature}'."))
                     return 1
@@ -92,16 +95,3 @@ class PrivilegedMethods:
             libsdbus.lib().sd_bus_slot_unref(slot)
         self._slots.clear()
 
-
-def _reply_error(msg: SdBusMessage, error: MachinedError) -> None:
-    if msg.expect_reply:
-        msg.create_error_reply(*to_dbus(error)).send()
-
-
-def _check_wrapping(bus: SdBus) -> None:
-    """A message object made by wrap_message points at the message it was given."""
-    probe = bus.new_method_call_message("org.freedesktop.DBus", "/org/freedesktop/DBus",
-                                        "org.freedesktop.DBus", "GetId")
-    ptr = libsdbus.message_pointer(probe)
-    if ptr is None or libsdbus.message_pointer(libsdbus.wrap_message(ptr)) != ptr:
-        raise libsdbus.Unavailable("sdbus's SdBusMessage layout is not the expected one")

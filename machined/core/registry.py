@@ -201,7 +201,7 @@ class Registry:
         asyncio.get_running_loop().call_soon(self._watch_leader, m)
 
     def _watch_leader(self, m: Machine) -> None:
-        if self.leaders.get(m.leader) is not m or not m.started:
+        if self.leaders.get(m.leader) is not m:
             return  # gone already
         if not self.watcher.watch(m.leader, lambda: self._leader_exited(m)):
             self.queue_gc(m)
