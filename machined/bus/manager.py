@@ -11,7 +11,7 @@ from ..core.registry import Registry
 from ..core.validate import machine_spec
 from .image import ImageHandlers
 from .machine import MANAGER_IFACE, MANAGER_SIGNALS, MachineHandlers
-from .objects import Call, Interface, Method, Property
+from .objects import Call, Interface, Method, Property, WithCaller
 
 
 class Manager:
@@ -30,14 +30,18 @@ class Manager:
         return m
 
     # ------------------------------------------------------------- lookups
-    def get_machine(self, call: Call, name: str) -> str:
-        return self._machine(name).path
+    # The lookups are plain handlers (see bus/objects.Method): no Call, answered at once.
+    def get_machine(self, name: str) -> str:
+        m = self.registry.get(name)
+        if m is None:
+            raise NoSuchMachine(name)
+        return m.path
 
-    def get_machine_by_pid(self, call: Call, pid: int) -> Any:
+    def get_machine_by_pid(self, pid: int) -> Any:
         if pid >= 2**31:
             raise InvalidArgs("Invalid argument")
         if pid == 0:
-            return self._machine_by_sender_pid(call)
+            return WithCaller(self._machine_by_sender_pid)
         return self._path_of_pid(pid)
 
     async def _machine_by_sender_pid(self, call: Call) -> str:
@@ -49,7 +53,7 @@ class Manager:
             raise NoMachineForPID(pid)
         return m.path
 
-    def list_machines(self, call: Call) -> list[tuple[str, str, str, str]]:
+    def list_machines(self) -> list[tuple[str, str, str, str]]:
         # Built once per change of the table: with many machines, listing is the hot path.
         if self._listing_generation != self.registry.generation:
             self._listing = [(m.name, m.cls.value, m.service, m.path) for m in self.registry]
@@ -92,10 +96,12 @@ class Manager:
                 Property("PoolLimit", "t", images.pool_limit),
             ],
             methods=[
-                M("GetMachine", "s", ("name",), "o", ("machine",), self.get_machine),
+                M("GetMachine", "s", ("name",), "o", ("machine",), self.get_machine, plain=True),
                 M("GetImage", "s", ("name",), "o", ("image",), images.get_image),
-                M("GetMachineByPID", "u", ("pid",), "o", ("machine",), self.get_machine_by_pid),
-                M("ListMachines", "", (), "a(ssso)", ("machines",), self.list_machines),
+                M("GetMachineByPID", "u", ("pid",), "o", ("machine",), self.get_machine_by_pid,
+                  plain=True),
+                M("ListMachines", "", (), "a(ssso)", ("machines",), self.list_machines,
+                  plain=True),
                 M("ListImages", "", (), "a(ssbttto)", ("images",), images.list_images),
                 M("CreateMachine", "sayssusa(sv)",
                   ("name", "id", "service", "class", "leader", "root_directory",

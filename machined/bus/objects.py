@@ -1,7 +1,8 @@
 """Interfaces described as data, exported through sdbus's low-level vtables, and one dispatcher
 that turns handler results and exceptions into replies.
 
-Handlers take (call, *arguments) and return the result, or an awaitable of it. Methods are
+Handlers take (call, *arguments) and return the result, or an awaitable of it; plain handlers
+(the lookups clients make most) take only the arguments and answer at once. Methods are
 marked unprivileged for sd-bus (we authorize ourselves) except the ones 252 leaves privileged,
 so that introspection shows the same `org.freedesktop.systemd1.Privileged` annotations and
 sd-bus itself answers "Access to ... not permitted." for non-root callers.
@@ -45,6 +46,17 @@ class Method:
     out_names: tuple[str, ...]
     handler: Callable[..., Any]
     privileged: bool = False
+    # The handler takes only the arguments, not the Call, and returns the result itself (or
+    # WithCaller): dispatched with the least work per call, for the lookups on the hot path.
+    plain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WithCaller:
+    """What a plain handler returns when the answer needs the caller after all (GetMachineByPID
+    of PID 0): `answer(call)` gives the result, or an awaitable of it."""
+
+    answer: Callable[[Call], Any]
 
 
 CONST = "const"
@@ -231,23 +243,43 @@ class Dispatcher:
     def _callback(self, method: Method) -> Callable[[SdBusMessage], None]:
         handler = method.handler
         reply = _replier(method)
+        if method.plain:
+            if "h" in method.out_sig:
+                raise ValueError(f"{method.name}: a plain handler cannot return fds")
+
+            # Every step saved here counts: a lookup from one caller waits for all of it.
+            def dispatch_plain(msg: SdBusMessage) -> None:
+                try:
+                    result = handler(*msg.parse_to_tuple())
+                    if type(result) is WithCaller:
+                        self._settle(msg, reply, result.answer(Call(self, msg)))
+                    else:
+                        reply(msg, result)
+                except BaseException as e:  # noqa: BLE001 - every failure becomes a reply
+                    self._reply_error(msg, e)
+
+            return dispatch_plain
 
         def dispatch(msg: SdBusMessage) -> None:
             try:
-                result = handler(Call(self, msg), *msg.parse_to_tuple())
-                if type(result) is types.CoroutineType:  # most never wait: see core.eager
-                    finished, result = run_until_wait(result)
-                    if finished:
-                        reply(msg, result)
-                        return
-                if isinstance(result, _AWAITABLES):  # cheaper than inspect.isawaitable
-                    keep_task(self._finish(msg, reply, result), self._tasks)
-                    return
-                reply(msg, result)
+                self._settle(msg, reply, handler(Call(self, msg), *msg.parse_to_tuple()))
             except BaseException as e:  # noqa: BLE001 - every failure becomes a reply
                 self._reply_error(msg, e)
 
         return dispatch
+
+    def _settle(self, msg: SdBusMessage, reply: Callable[[SdBusMessage, Any], None],
+                result: Any) -> None:
+        """Reply with a handler's result now, or once its awaitable has it."""
+        if type(result) is types.CoroutineType:  # most never wait: see core.eager
+            finished, result = run_until_wait(result)
+            if finished:
+                reply(msg, result)
+                return
+        if isinstance(result, _AWAITABLES):  # cheaper than inspect.isawaitable
+            keep_task(self._finish(msg, reply, result), self._tasks)
+            return
+        reply(msg, result)
 
     async def _finish(self, msg: SdBusMessage, reply: Callable[[SdBusMessage, Any], None],
                       awaitable: Any) -> None:
@@ -279,24 +311,28 @@ def _replier(method: Method) -> Callable[[SdBusMessage, Any], None]:
     """How `method` sends its result, worked out once rather than per call."""
     sig = method.out_sig
     several = len(method.out_names) > 1
-    has_fds = "h" in sig
 
     def reply(msg: SdBusMessage, result: Any) -> None:
+        if not msg.expect_reply:
+            return
+        message = msg.create_reply()
+        if several:
+            message.append_data(sig, *result)
+        elif sig:  # one result (Image methods leave it unnamed, as 252 does)
+            message.append_data(sig, result)
+        message.send()
+
+    if "h" not in sig:
+        return reply
+
+    def reply_with_fds(msg: SdBusMessage, result: Any) -> None:
         try:
-            if not msg.expect_reply:
-                return
-            message = msg.create_reply()
-            if several:
-                message.append_data(sig, *result)
-            elif sig:  # one result (Image methods leave it unnamed, as 252 does)
-                message.append_data(sig, result)
-            message.send()
+            reply(msg, result)
         finally:
             # sd-bus sends copies of the file descriptors of a reply ('h'): close ours
-            if has_fds:
-                _close_fds(sig, result)
+            _close_fds(sig, result)
 
-    return reply
+    return reply_with_fds
 
 
 def _close_fds(signature: str, result: Any) -> None:

@@ -5,7 +5,9 @@ KillMachine, UnregisterMachine."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -15,6 +17,9 @@ from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.daemon import Machined, busctl, cgroup2_mount, wait_for
 
 from .support import (
+    DEST,
+    MANAGER,
+    MANAGER_PATH,
     Monitor,
     Processes,
     assert_machine_gone,
@@ -87,6 +92,15 @@ def test_register_machine(bus: BusDaemon, machined: Machined, monitor: Monitor,
     out = mcall(bus, "GetMachineByPID", "u", outsider.pid, check=False)
     assert out.returncode != 0
     assert f"PID {outsider.pid} does not belong to any known machine" in out.stderr
+    # PID 0 is the caller's PID: busctl from inside the scope, then from the host
+    inside = subprocess.run(
+        ["sh", "-c", f"echo $$ > {scope_dir(name)}/cgroup.procs && exec busctl --system "
+         f"--json=short call {DEST} {MANAGER_PATH} {MANAGER} GetMachineByPID u 0"],
+        env=bus.env(), capture_output=True, text=True, timeout=30, check=True)
+    assert json.loads(inside.stdout)["data"] == [path]
+    out = mcall(bus, "GetMachineByPID", "u", 0, check=False)
+    assert out.returncode != 0
+    assert re.search(r"PID [1-9]\d* does not belong to any known machine", out.stderr), out.stderr
 
     # TerminateMachine: SIGTERM to the scope, the machine goes, the scope cgroup too
     mcall(bus, "TerminateMachine", "s", name)
