@@ -32,10 +32,7 @@ class Manager:
     # ------------------------------------------------------------- lookups
     # The lookups are plain handlers (see bus/objects.Method): no Call, answered at once.
     def get_machine(self, name: str) -> str:
-        m = self.registry.get(name)
-        if m is None:
-            raise NoSuchMachine(name)
-        return m.path
+        return self._machine(name).path
 
     def get_machine_by_pid(self, pid: int) -> Any:
         if pid >= 2**31:
