@@ -32,10 +32,6 @@ HOST_NAME = ".host"
 _MAX_EARLY_JOBS = 1024
 
 
-def _log_after_reply(msg: str, *args: object) -> None:
-    info_after_reply(log, msg, *args)  # registering and unregistering log a line each
-
-
 class Registry:
     def __init__(
         self,
@@ -190,7 +186,7 @@ class Registry:
         if not m.unit:
             m.scope_job = await self.backend.start_scope(m, properties or [])
         self.units.setdefault(m.unit, m)
-        _log_after_reply("New machine %s.", m.name)
+        info_after_reply(log, "New machine %s.", m.name)
         if m.timestamp is None:
             m.timestamp = Timestamp.now()
         m.started = True
@@ -339,7 +335,7 @@ class Registry:
             self.statedir.remove_unit_link(m.unit)
             return
         if m.started:
-            _log_after_reply("Machine %s terminated.", m.name)
+            info_after_reply(log, "Machine %s terminated.", m.name)
             m.stopping = True
         if not m.finalized:
             if self.units.get(m.unit) in (None, m):
