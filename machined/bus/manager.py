@@ -34,7 +34,7 @@ class Manager:
     def get_machine(self, name: str) -> str:
         return self._machine(name).path
 
-    def get_machine_by_pid(self, pid: int) -> Any:
+    def get_machine_by_pid(self, pid: int) -> str | WithCaller:
         if pid >= 2**31:
             raise InvalidArgs("Invalid argument")
         if pid == 0:

@@ -4,8 +4,9 @@ that turns handler results and exceptions into replies.
 Handlers take (call, *arguments) and return the result, or an awaitable of it; plain handlers
 (the lookups clients make most) take only the arguments and answer at once. Methods are
 marked unprivileged for sd-bus (we authorize ourselves) except the ones 252 leaves privileged,
-so that introspection shows the same `org.freedesktop.systemd1.Privileged` annotations and
-sd-bus itself answers "Access to ... not permitted." for non-root callers.
+so that introspection shows the same `org.freedesktop.systemd1.Privileged` annotations; their
+calls are taken before sd-bus's dispatch by bus/privileged.py, which answers "Access to ... not
+permitted." for non-root callers as sd-bus would (and leaves to sd-bus what it cannot check).
 """
 
 from __future__ import annotations
