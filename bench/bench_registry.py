@@ -54,6 +54,8 @@ STATE_DIR = Path("/run/systemd/machines")
 USERDB_DIR = Path("/run/systemd/userdb")  # 252's varlink socket; kept off the host as well
 REAL_MACHINED = "/lib/systemd/systemd-machined"
 DEFAULT_DOCS = REPO / "docs" / "benchmarks.md"
+# Column headings of the two slots; --control runs one daemon in both and relabels them.
+COLUMNS = {"real": "real 252", "ours": "ours"}
 SECTION = "## Machine registry: real systemd-machined 252 vs. ours"
 
 DEST = "org.freedesktop.machine1"
@@ -618,7 +620,7 @@ def label_of(label: str, args: argparse.Namespace) -> str:
 
 def table(real: Result | None, ours: Result | None,
           args: argparse.Namespace) -> tuple[str, list[str]]:
-    lines = ["| metric | real 252 | ours | ratio |", "|---|---:|---:|---:|"]
+    lines = [f"| metric | {COLUMNS['real']} | {COLUMNS['ours']} | ratio |", "|---|---:|---:|---:|"]
     misses = []
     for key, label, kind in ROWS:
         key = key.replace("/C", f"/{args.callers}")
@@ -630,7 +632,7 @@ def table(real: Result | None, ours: Result | None,
         paired = ours.ratios.get(key) if ours else None
         r = statistics.median(paired) if kind == "rate" and paired else (
             b / a if a and b is not None else None)
-        if r is not None:
+        if r is not None and not args.control:
             if kind == "rate" and r < 1:
                 misses.append(f"{label}: ours is {r:.2f}x the real daemon")
             if kind == "mem" and r > 4:
@@ -647,7 +649,7 @@ def rate_rows(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def column(tag: str) -> str:
-    return "real 252" if tag == "real" else tag
+    return COLUMNS.get(tag, tag)
 
 
 def cpu_table(results: dict[str, Result], args: argparse.Namespace) -> str:
@@ -794,6 +796,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 100 machines, 1 round, 1 s per measurement, docs not written")
     p.add_argument("--only", choices=("real", "ours"), help="run one daemon only")
+    p.add_argument("--control", choices=("real", "ours"),
+                   help="A/A control: the same daemon in both slots, so that the ratios show "
+                        "what this machine's noise alone gives (no targets, docs not written)")
     p.add_argument("--output", type=Path, default=None,
                    help=f"markdown file to write (default {DEFAULT_DOCS.relative_to(REPO)}, "
                         "none with --quick)")
@@ -820,8 +825,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.chunks = 2 if args.quick else 10
     if args.output is None and not args.quick:
         args.output = DEFAULT_DOCS
-    if args.no_docs or args.profile:
+    if args.no_docs or args.profile or args.control:
         args.output = None
+    if args.control and (args.only or args.profile):
+        p.error("--control runs both slots; it does not go with --only or --profile")
     if args.profile:
         venv_spy = REPO / ".venv" / "bin" / "py-spy"
         args.py_spy = args.py_spy or (str(venv_spy) if venv_spy.exists() else
@@ -866,6 +873,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.only:
         daemons = {args.only: daemons[args.only]}
+    if args.control:
+        name = column(args.control)
+        COLUMNS.update(real=f"{name} (A)", ours=f"{name} (B)")
+        daemons = {"real": daemons[args.control], "ours": daemons[args.control]}
 
     def terminate(signo: int, _frame: Any) -> None:
         raise SystemExit(128 + signo)
