@@ -19,11 +19,9 @@ import pytest
 from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.daemon import Machined, busctl, cgroup2_mount, clean_state, wait_for
 from tests.helpers.process import stop_process
+from tests.helpers.real252 import REAL_MACHINED, USERDB_DIR, RealMachined, host_dirs
 from tests.helpers.userns import spawn_userns_leader
 
-REAL_MACHINED = "/lib/systemd/systemd-machined"
-USERDB_DIR = Path("/run/systemd/userdb")
-STATE_DIR = Path("/run/systemd/machines")
 U = "io.systemd.UserDatabase."
 SVC = "io.systemd.Machine"
 HANGUP = "<hangup>"
@@ -157,31 +155,6 @@ def _read_reply(s: socket.socket) -> str:
     return reply[:-1].decode()
 
 
-class RealMachined:
-    """systemd's machined 252 in a mount namespace of its own, with tmpfs over its state and
-    userdb directories, so that it never touches the host's."""
-
-    def __init__(self, bus: BusDaemon) -> None:
-        script = " && ".join([f"mount -t tmpfs -o mode=0755 tmpfs {STATE_DIR}",
-                              f"mount -t tmpfs -o mode=0755 tmpfs {USERDB_DIR}",
-                              'exec "$@"'])
-        env = {**bus.env(), "SYSTEMD_LOG_TARGET": "console"}
-        self.proc = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
-             REAL_MACHINED], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for(lambda: os.path.exists(self.userdb_socket), 15, what="252's userdb socket")
-        wait_for(lambda: busctl(bus, "status", "org.freedesktop.machine1",
-                                check=False).returncode == 0, 15, what="252 on the bus")
-
-    @property
-    def userdb_socket(self) -> str:
-        return f"/proc/{self.proc.pid}/root{USERDB_DIR}/io.systemd.Machine"
-
-    def stop(self) -> None:
-        stop_process(self.proc, 10)
-
-
 @dataclass
 class World:
     ours: Machined
@@ -193,20 +166,6 @@ def _register(bus: BusDaemon, leaders: dict[str, int]) -> None:
         busctl(bus, "call", "org.freedesktop.machine1", "/org/freedesktop/machine1",
                "org.freedesktop.machine1.Manager", "RegisterMachine", "sayssus", name, "0",
                "test", cls, str(leaders[name]), "/")
-
-
-@contextlib.contextmanager
-def _host_dirs() -> Iterator[None]:
-    """The mount points 252's tmpfs need; made if missing and removed again."""
-    made = [d for d in (STATE_DIR, USERDB_DIR) if not d.exists()]
-    for d in made:
-        d.mkdir(mode=0o755, parents=True)
-    try:
-        yield
-    finally:
-        for d in reversed(made):
-            with contextlib.suppress(OSError):
-                d.rmdir()
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +191,7 @@ def world() -> Iterator[World]:
                 leaders[name] = p.pid
             else:
                 leaders[name] = spawn_userns_leader(scope, uids, gids)
-        with _host_dirs():
+        with host_dirs():
             real = None
             if os.path.exists(REAL_MACHINED):
                 buses.append(BusDaemon("open"))
@@ -312,7 +271,7 @@ def test_nss_names_of_container_ids(world: World, tmp_path: Path) -> None:
               f"getent passwd 100000 vu-e2eudb-5 && getent group 200003 && "
               f"stat -c %U:%G {probe}")
     env = {k: v for k, v in os.environ.items() if k != "SYSTEMD_BYPASS_USERDB"}
-    with _host_dirs():
+    with host_dirs():
         out = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
                              capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr

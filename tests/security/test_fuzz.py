@@ -23,10 +23,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sdbus.sd_bus_internals import SdBus, SdBusBaseError, sd_bus_open_system
+from sdbus.sd_bus_internals import SdBus, SdBusBaseError
 
 from machined.bus.client import remote_error
 from tests.helpers.busdaemon import BusDaemon
+from tests.helpers.client import connect
 from tests.helpers.daemon import Machined
 
 from .conftest import (
@@ -152,16 +153,7 @@ class Fuzz:
     def __init__(self, bus: BusDaemon, daemon: Machined, images: Path,
                  sleepers: Sleepers) -> None:
         self.daemon, self.images, self.sleepers = daemon, images, sleepers
-        old = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
-        os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = bus.address
-        try:
-            self.bus: SdBus = sd_bus_open_system()
-        finally:
-            if old is None:
-                del os.environ["DBUS_SYSTEM_BUS_ADDRESS"]
-            else:
-                os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = old
-        self.bus.method_call_timeout_usec = 20_000_000  # a hang shows as Timeout/NoReply
+        self.bus: SdBus = connect(bus)  # a hang shows as Timeout/NoReply
         self.calls = 0
         self.errors: dict[str, int] = {}
         self.fds = self._odd_fds()

@@ -1,0 +1,61 @@
+"""systemd's own machined 252, run beside ours so that tests can compare the two on the wire."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from .busdaemon import BusDaemon
+from .daemon import busctl, wait_for
+from .process import stop_process
+
+REAL_MACHINED = "/lib/systemd/systemd-machined"
+STATE_DIR = Path("/run/systemd/machines")
+USERDB_DIR = Path("/run/systemd/userdb")
+POOL = Path("/var/lib/machines")
+
+
+class RealMachined:
+    """252 in a mount namespace of its own, with tmpfs over its state and userdb directories
+    (and `pool`, when given, bind-mounted over /var/lib/machines), so that it never touches the
+    host's. Needs `host_dirs()` around it for the mount points."""
+
+    def __init__(self, bus: BusDaemon, pool: Path | None = None) -> None:
+        steps = [f"mount -t tmpfs -o mode=0755 tmpfs {STATE_DIR}",
+                 f"mount -t tmpfs -o mode=0755 tmpfs {USERDB_DIR}"]
+        if pool is not None:
+            steps.append(f"mount --bind {shlex.quote(str(pool))} {POOL}")
+        env = {**bus.env(), "SYSTEMD_LOG_TARGET": "console"}
+        self.proc = subprocess.Popen(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c",
+             " && ".join([*steps, 'exec "$@"']), "sh", REAL_MACHINED],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(lambda: os.path.exists(self.userdb_socket), 15, what="252's userdb socket")
+        wait_for(lambda: busctl(bus, "status", "org.freedesktop.machine1",
+                                check=False).returncode == 0, 15, what="252 on the bus")
+
+    @property
+    def userdb_socket(self) -> str:
+        return f"/proc/{self.proc.pid}/root{USERDB_DIR}/io.systemd.Machine"
+
+    def stop(self) -> None:
+        stop_process(self.proc, 10)
+
+
+@contextlib.contextmanager
+def host_dirs() -> Iterator[None]:
+    """The mount points 252's tmpfs and pool need; made if missing and removed again."""
+    made = [d for d in (STATE_DIR, USERDB_DIR, POOL) if not d.exists()]
+    for d in made:
+        d.mkdir(mode=0o755, parents=True)
+    try:
+        yield
+    finally:
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
