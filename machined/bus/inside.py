@@ -221,8 +221,9 @@ class InsideHandlers:
         try:
             host_dir, host_name = copy.open_parent(host_path)
         except OSError as e:
+            # 252 names the whole path here, though it opens its parent
             raise ErrnoError.from_oserror(
-                e, f"Failed to open host directory {os.path.dirname(host_path)}") from None
+                e, f"Failed to open host directory {host_path}") from None
         if shift == 0:
             owner = copy.Owner()
         elif to_container:

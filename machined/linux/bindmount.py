@@ -80,7 +80,9 @@ async def bind_mount(leader: int, source: str, destination: str, read_only: bool
                      mkdir: bool) -> None:
     """Raises OSError with the errno of the failing step."""
     if ns.shares_namespace(leader, "mnt"):
-        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        # Not into our own namespace; 252 says the same for every machine nspawn did not start
+        # ("Target does not allow propagation of mount points").
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
     real = os.path.realpath(source, strict=True)
     is_dir = os.path.isdir(real)
     tree = clone_tree(real, read_only)
