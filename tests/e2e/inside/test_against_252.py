@@ -1,0 +1,234 @@
+"""Working inside a container, the real 252 decides: one busybox container (started by
+systemd-nspawn, registered with ours), registered with 252 as well, and the same calls to both.
+Copies and bind mounts of the two daemons go to paths of their own ("-real", "-ours"), which
+are compared once that suffix is taken out; what the calls leave in the container is compared
+too.
+
+Where ours does more (the tests named beyond_252): 252 opens logins and shells through the
+container's own system bus, which a busybox container has not, and makes bind mounts through a
+propagation that needs the host's mounts shared; ours does both itself."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sdbus.sd_bus_internals import SdBus
+
+from tests.helpers.busdaemon import BusDaemon
+from tests.helpers.client import connect, outcome
+from tests.helpers.daemon import Machined, have
+from tests.helpers.real252 import REAL_MACHINED, RealMachined, host_dirs
+
+from ..support import Nspawn, Processes
+from .support import Containers, busybox_copy
+
+pytestmark = pytest.mark.skipif(not have("systemd-nspawn"), reason="needs systemd-nspawn")
+
+M = "/org/freedesktop/machine1"
+MGR = "org.freedesktop.machine1.Manager"
+MACH = "org.freedesktop.machine1.Machine"
+PROPS = "org.freedesktop.DBus.Properties"
+WHO = ("real", "ours")
+
+
+@dataclass
+class Pair:
+    conns: dict[str, SdBus]
+    ct: Nspawn
+    host: Path  # a host directory for copies and bind mounts
+
+    @property
+    def root(self) -> Path:
+        return Path(f"/proc/{self.ct.leader}/root")
+
+
+@pytest.fixture(scope="module")
+def pair(daemon: tuple[BusDaemon, Machined], busybox_tree: Path,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    if not os.path.exists(REAL_MACHINED):
+        pytest.fail(f"{REAL_MACHINED} is missing: the set-up installs systemd-container")
+    bus, machined = daemon
+    tree = busybox_copy(busybox_tree, tmp_path_factory.mktemp("bb252") / "root")
+    host = tmp_path_factory.mktemp("host252")
+    (host / "file").write_text("hello")
+    os.chmod(host / "file", 0o640)
+    os.chown(host / "file", 1234, 4321)
+    (host / "dir/sub").mkdir(parents=True)
+    (host / "dir/sub/inner").write_text("inner")
+    (host / "dir/link").symlink_to("sub/inner")
+    cts = Containers(bus, machined, Processes(), tmp_path_factory.mktemp("bb252-ct"))
+    real_bus: BusDaemon | None = None
+    real: RealMachined | None = None
+    try:
+        ct = cts.start(tree, "diff", "while :; do sleep 1; done")
+        ours = connect(bus)
+        with host_dirs():
+            real_bus = BusDaemon("open")
+            real = RealMachined(real_bus)
+            conn = connect(real_bus)
+            path = f"{M}/machine/{ct.name}"
+            props = outcome(ours, path, PROPS, "GetAll", "s", MACH)[1][0]
+            got = outcome(conn, M, MGR, "RegisterMachine", "sayssus", ct.name,
+                          props["Id"][1], props["Service"][1], "container", ct.leader,
+                          props["RootDirectory"][1])
+            assert got[0] == "ok", got
+            yield Pair({"real": conn, "ours": ours}, ct, host)
+    finally:
+        if real is not None:
+            real.stop()
+        if real_bus is not None:
+            real_bus.stop()
+        cts.close()
+
+
+def both(pair: Pair, member: str, sig: str, *args: Any, path: str = M,
+         iface: str = MGR) -> dict[str, tuple[str, Any]]:
+    """The call made to each daemon; "{who}" in a string argument becomes its name."""
+    def fill(who: str, a: Any) -> Any:
+        return a.replace("{who}", who) if isinstance(a, str) else a
+    return {who: outcome(pair.conns[who], path, iface, member, sig, *(fill(who, a) for a in args))
+            for who in WHO}
+
+
+def same(answers: dict[str, tuple[str, Any]]) -> tuple[str, Any]:
+    """Both answers, with each daemon's own suffix taken out, must be equal; returns it."""
+    def plain(v: Any, who: str) -> Any:
+        if isinstance(v, str):
+            return v.replace(f"-{who}", "-WHO")
+        if isinstance(v, tuple | list):
+            return type(v)(plain(x, who) for x in v)
+        if isinstance(v, dict):
+            return {k: plain(x, who) for k, x in v.items()}
+        return v
+    real, ours = (plain(answers[who], who) for who in WHO)
+    assert real == ours, f"252: {answers['real']}\nours: {answers['ours']}"
+    return real
+
+
+def tree_of(path: Path) -> list[tuple[str, int, int, int, str]]:
+    """What a copy or a bind mount left: names, modes, owners and contents."""
+    out = []
+    for p in sorted([path, *path.rglob("*")]):
+        st = os.lstat(p)
+        body = (os.readlink(p) if stat.S_ISLNK(st.st_mode)
+                else p.read_text() if stat.S_ISREG(st.st_mode) else "")
+        out.append((str(p.relative_to(path)), st.st_mode, st.st_uid, st.st_gid, body))
+    return out
+
+
+def test_facts_of_the_container(pair: Pair) -> None:
+    n = pair.ct.name
+    for member, sig, args in (("GetMachineOSRelease", "s", (n,)),
+                              ("GetMachineUIDShift", "s", (n,)),
+                              ("MapFromMachineUser", "su", (n, 1000)),
+                              ("MapFromMachineGroup", "su", (n, 10)),
+                              ("MapToMachineUser", "u", (1000,)),
+                              ("MapToMachineGroup", "u", (1000,)),
+                              ("KillMachine", "ssi", (n, "leader", 18)),  # SIGCONT
+                              ("KillMachine", "ssi", (n, "leader", 0))):
+        same(both(pair, member, sig, *args))
+    same(both(pair, "GetMachineAddresses", "s", n))  # the host's network: NoPrivateNetworking
+    machine = f"{M}/machine/{n}"
+    for member, sig, args in (("GetOSRelease", "", ()), ("GetUIDShift", "", ()),
+                              ("Kill", "si", ("leader", 18))):
+        same(both(pair, member, sig, *args, path=machine, iface=MACH))
+    answers = both(pair, "GetAll", "s", MACH, path=machine, iface=PROPS)
+    for who in WHO:
+        for stamp in ("Timestamp", "TimestampMonotonic"):
+            answers[who][1][0].pop(stamp)
+    same(answers)
+
+
+def test_root_directory_and_pty(pair: Pair) -> None:
+    n = pair.ct.name
+    fds = []
+    try:
+        answers = both(pair, "OpenMachineRootDirectory", "s", n)
+        fds += [answers[who][1][0] for who in WHO]
+        assert [os.fstat(fd).st_ino for fd in fds] == [os.stat(pair.root).st_ino] * 2
+        answers = both(pair, "OpenMachinePTY", "s", n)
+        for who in WHO:
+            kind, (fd, name) = answers[who]
+            fds.append(fd)
+            assert kind == "ok" and re.fullmatch(r"/dev/pts/\d+", name), (who, name)
+            # the terminal is the container's: its pts file system, not the host's
+            assert os.path.exists(pair.root / name.lstrip("/"))
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_copies(pair: Pair) -> None:
+    n, host = pair.ct.name, pair.host
+    steps: list[tuple[str, str, tuple[Any, ...]]] = [
+        ("CopyToMachine", "sss", (n, f"{host}/file", "/tmp/file-{who}")),
+        ("CopyToMachine", "sss", (n, f"{host}/file", "/tmp/file-{who}")),  # exists
+        ("CopyToMachineWithFlags", "ssst", (n, f"{host}/file", "/tmp/file-{who}", 1)),
+        ("CopyToMachine", "sss", (n, f"{host}/dir", "/tmp/dir-{who}")),
+        ("CopyToMachine", "sss", (n, f"{host}/dir", "/tmp/dir-{who}/sub")),
+        ("CopyToMachine", "sss", (n, f"{host}/nope", "/tmp/nope-{who}")),
+        ("CopyToMachine", "sss", (n, f"{host}/file", "/no/such/dir/x-{who}")),
+        ("CopyToMachine", "sss", (n, f"{host}/file", "/tmp")),
+        ("CopyFromMachine", "sss", (n, "/etc/hostname", f"{host}/hostname-{{who}}")),
+        ("CopyFromMachine", "sss", (n, "/etc/hostname", f"{host}/hostname-{{who}}")),
+        ("CopyFromMachineWithFlags", "ssst", (n, "/etc/passwd", f"{host}/hostname-{{who}}", 1)),
+        ("CopyFromMachine", "sss", (n, "/tmp/dir-{who}", f"{host}/back-{{who}}")),
+        ("CopyFromMachine", "sss", (n, "/nonexistent", f"{host}/x-{{who}}")),
+        ("CopyFromMachine", "sss", (n, "/etc/hostname", f"{host}/no/such/x-{{who}}")),
+    ]
+    for member, sig, args in steps:
+        same(both(pair, member, sig, *args))
+    inside = pair.root / "tmp"
+    for name in ("file", "dir"):
+        assert tree_of(inside / f"{name}-real") == tree_of(inside / f"{name}-ours"), name
+    for name in ("hostname", "back"):
+        assert tree_of(host / f"{name}-real") == tree_of(host / f"{name}-ours"), name
+
+
+def test_bind_mount_errors(pair: Pair) -> None:
+    n, host = pair.ct.name, pair.host
+    for args in ((n, f"{host}/nope", "/mnt/nope", False, True), (n, "rel", "/mnt/x", False, True),
+                 (n, f"{host}/dir", "rel", False, True), (n, f"{host}/dir", "/a/../b", False, True)):
+        same(both(pair, "BindMountMachine", "sssbb", *args))
+
+
+def test_beyond_252_bind_mounts(pair: Pair) -> None:
+    """252 mounts through nspawn's propagation directory, which only carries mounts into the
+    container where the host's mounts are shared (systemd as PID 1 makes them so); here they are
+    private, and 252's move of the mount fails. Ours enters the container's mount namespace."""
+    n, host = pair.ct.name, pair.host
+    mnt = pair.root / "mnt"
+    for source, dest, read_only in ((f"{host}/dir", "/mnt/dir", False),
+                                    (f"{host}/dir", "/mnt/ro", True),
+                                    (f"{host}/file", "/mnt/file", False)):
+        args = (n, source, dest + "-{who}", read_only, True)
+        answers = both(pair, "BindMountMachine", "sssbb", *args)
+        assert answers["real"] == ("error", (
+            "org.freedesktop.DBus.Error.InvalidArgs",
+            f"Failed to mount {source} on {dest}-real in machine's namespace: Invalid argument"))
+        assert answers["ours"] == ("ok", ())
+        assert tree_of(Path(source)) == tree_of(pair.root / f"{dest.lstrip('/')}-ours")
+    with pytest.raises(OSError) as e:
+        (mnt / "ro-ours" / "x").write_text("x")
+    assert e.value.errno == 30  # EROFS
+
+
+def test_beyond_252_login_and_shell(pair: Pair) -> None:
+    """252 asks the container's own system bus, which busybox has not; ours opens them."""
+    n = pair.ct.name
+    for member, sig, args in (("OpenMachineLogin", "s", (n,)),
+                              ("OpenMachineShell", "sssasas", (n, "", "", [], []))):
+        answers = both(pair, member, sig, *args)
+        assert answers["real"] == ("error", ("org.freedesktop.DBus.Error.FileNotFound",
+                                             f"There is no system bus in container {n}.")), \
+            answers["real"]
+        kind, (fd, name) = answers["ours"]
+        os.close(fd)
+        assert kind == "ok" and re.fullmatch(r"/dev/pts/\d+", name), answers["ours"]
