@@ -23,7 +23,7 @@ import pytest
 from sdbus.sd_bus_internals import SdBus
 
 from tests.helpers.busdaemon import BusDaemon
-from tests.helpers.client import connect, outcome
+from tests.helpers.client import RawClient, connect, outcome
 from tests.helpers.daemon import Machined, cgroup2_mount, clean_state, wait_for
 from tests.helpers.process import stop_process
 from tests.helpers.real252 import REAL_MACHINED, RealMachined, host_dirs
@@ -272,6 +272,7 @@ def _unrooted(value: Any, root: str) -> Any:
 class Pair:
     real: SdBus
     ours: SdBus
+    buses: dict[str, BusDaemon]
     ours_root: str  # ours' --image-root
     leaders: Leaders
 
@@ -328,7 +329,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
                     got = outcome(conn, M, MGR, "RegisterMachine", "sayssus", name, b"", "test",
                                   cls, leaders[name], "/")
                     assert got[0] == "ok", got
-            yield Pair(conns[0], conns[1], ours_root, leaders)
+            yield Pair(conns[0], conns[1], dict(zip(("real", "ours"), buses, strict=True)),
+                       ours_root, leaders)
     finally:
         for d in daemons:
             d.stop()
@@ -360,6 +362,48 @@ def test_same_answers_as_252(pair: Pair) -> None:
     assert not differ, (f"{len(differ)} of {len(catalogue)} answers differ from 252's:\n"
                         + "\n".join(differ))
 
+
+
+def test_host_times(pair: Pair) -> None:
+    """`.host` dates from the boot: the same realtime in both (read at each daemon's start, so
+    a few µs apart at most), and CLOCK_MONOTONIC's 0 (or the µs between reading the clocks)."""
+    host = f"{M}/machine/_2ehost"
+    stamps = {who: [outcome(conn, host, PROPS, "Get", "ss", MACH, prop)[1][0][1]
+                    for prop in ("Timestamp", "TimestampMonotonic")]
+              for who, conn in (("real", pair.real), ("ours", pair.ours))}
+    assert abs(stamps["real"][0] - stamps["ours"][0]) < 1000, stamps
+    assert stamps["real"][1] < 10 and stamps["ours"][1] < 10, stamps
+
+
+def test_same_answers_for_an_unprivileged_caller(pair: Pair) -> None:
+    """The same catalogue as nobody, with no polkit on either bus: the same refusals, and the
+    same answers to what anyone may ask."""
+    clients = {who: RawClient(bus, user="nobody") for who, bus in pair.buses.items()}
+    try:
+        differ = []
+        catalogue = cases(pair.leaders)
+        for path, iface, member, sig, args in catalogue:
+            real, ours = (normal(_as_outcome(clients[who].call(path, iface, member, sig,
+                                                                   args), clients[who]),
+                                 member, pair.ours_root if who == "ours" else "")
+                          for who in ("real", "ours"))
+            if real != ours:
+                differ.append(f"{path} {iface}.{member}({sig}) {args!r}\n  252:  {real}\n"
+                              f"  ours: {ours}")
+    finally:
+        for c in clients.values():
+            c.close()
+    assert not differ, (f"{len(differ)} of {len(catalogue)} answers differ from 252's:\n"
+                        + "\n".join(differ))
+
+
+def _as_outcome(answer: tuple[Any, ...], client: RawClient) -> tuple[str, Any]:
+    """A RawClient's answer as outcome() gives it; the caller's PID (which GetMachineByPID(0)
+    names) is each client's own."""
+    if answer[0] != "error":
+        return answer[0], answer[1]
+    name, message = answer[1:]
+    return "error", (name, message.replace(str(client.proc.pid), "CALLER"))
 
 
 def test_beyond_252_a_leader_in_no_unit(pair: Pair) -> None:

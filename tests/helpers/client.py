@@ -1,17 +1,23 @@
-"""A test's own sdbus connection to a private bus, and calls whose outcome is plain data."""
+"""A test's own sdbus connection to a private bus, and calls whose outcome is plain data;
+the same from a child process that may run as another user (RawClient)."""
 
 from __future__ import annotations
 
+import ast
 import os
+import subprocess
+import sys
 from typing import Any
 
 from sdbus.sd_bus_internals import SdBus, SdBusBaseError, sd_bus_open_system
 
 from machined.bus.client import remote_error
 
-from .busdaemon import BusDaemon
+from .busdaemon import REPO, BusDaemon
 
 DEST = "org.freedesktop.machine1"
+MANAGER_PATH = "/org/freedesktop/machine1"
+MANAGER = "org.freedesktop.machine1.Manager"
 
 
 def connect(bus: BusDaemon, timeout_usec: int = 20_000_000) -> SdBus:
@@ -41,3 +47,38 @@ def outcome(conn: SdBus, path: str, iface: str, member: str, sig: str = "",
         err = remote_error(e)
         return "error", (err.name, err.message)
     return "ok", reply.parse_to_tuple()
+
+
+class RawClient:
+    """tests/helpers/rawclient.py as a child process, optionally as another user."""
+
+    def __init__(self, bus: BusDaemon, user: str | None = None) -> None:
+        cmd = [sys.executable, "-m", "tests.helpers.rawclient"]
+        if user:
+            group = "nogroup" if user == "nobody" else user
+            cmd = ["setpriv", f"--reuid={user}", f"--regid={group}", "--clear-groups", *cmd]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=bus.env(), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def call(self, path: str, iface: str, member: str, sig: str = "", args: tuple[Any, ...] = (),
+             dest: str = DEST) -> tuple[Any, ...]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(repr((dest, path, iface, member, sig, tuple(args))) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the raw client died")
+        answer: tuple[Any, ...] = ast.literal_eval(line)
+        return answer
+
+    def manager(self, member: str, sig: str = "", *args: Any) -> tuple[Any, ...]:
+        return self.call(MANAGER_PATH, MANAGER, member, sig, args)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -3,7 +3,6 @@ raw clients running as root and as nobody, and a stand-in polkit."""
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import os
 import shutil
@@ -13,11 +12,11 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.helpers.busdaemon import REPO, BusDaemon
+from tests.helpers.busdaemon import BusDaemon
+from tests.helpers.client import RawClient
 from tests.helpers.daemon import Machined, busctl, clean_state, wait_for
 
 DEST = "org.freedesktop.machine1"
@@ -26,41 +25,6 @@ MANAGER = "org.freedesktop.machine1.Manager"
 MACHINE = "org.freedesktop.machine1.Machine"
 IMAGE = "org.freedesktop.machine1.Image"
 PREFIX = "sec"  # every machine these tests register starts with it
-
-
-class RawClient:
-    """tests/security/rawclient.py as a child process, optionally as another user."""
-
-    def __init__(self, bus: BusDaemon, user: str | None = None) -> None:
-        cmd = [sys.executable, "-m", "tests.security.rawclient"]
-        if user:
-            group = "nogroup" if user == "nobody" else user
-            cmd = ["setpriv", f"--reuid={user}", f"--regid={group}", "--clear-groups", *cmd]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=bus.env(), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, bufsize=1)
-
-    def call(self, path: str, iface: str, member: str, sig: str = "", args: tuple[Any, ...] = (),
-             dest: str = DEST) -> tuple[Any, ...]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(repr((dest, path, iface, member, sig, tuple(args))) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the raw client died")
-        answer: tuple[Any, ...] = ast.literal_eval(line)
-        return answer
-
-    def manager(self, member: str, sig: str = "", *args: Any) -> tuple[Any, ...]:
-        return self.call(MANAGER_PATH, MANAGER, member, sig, args)
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 class Sleepers:
