@@ -26,7 +26,7 @@ from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.client import RawClient, connect, outcome
 from tests.helpers.daemon import Machined, cgroup2_mount, clean_state, wait_for
 from tests.helpers.process import stop_process
-from tests.helpers.real252 import REAL_MACHINED, RealMachined, host_dirs
+from tests.helpers.real252 import REAL_MACHINED, STATE_DIR, RealMachined, host_dirs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, mounts)")
 
@@ -274,6 +274,7 @@ class Pair:
     ours: SdBus
     buses: dict[str, BusDaemon]
     ours_root: str  # ours' --image-root
+    real_state: Path  # 252's /run/systemd/machines, in its mount namespace
     leaders: Leaders
 
 
@@ -317,7 +318,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
         pools = {who: make_pool(tmp_path_factory.mktemp(f"pool-{who}")) for who in ("real", "ours")}
         with host_dirs():
             buses.append(BusDaemon("open"))
-            daemons.append(RealMachined(buses[-1], pool=pools["real"]))
+            real = RealMachined(buses[-1], pool=pools["real"])
+            daemons.append(real)
             buses.append(BusDaemon("open"))
             clean_state()
             ours_root = str(pools["ours"].parents[2])
@@ -330,7 +332,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
                                   cls, leaders[name], "/")
                     assert got[0] == "ok", got
             yield Pair(conns[0], conns[1], dict(zip(("real", "ours"), buses, strict=True)),
-                       ours_root, leaders)
+                       ours_root, Path(f"/proc/{real.proc.pid}/root{STATE_DIR}"), leaders)
     finally:
         for d in daemons:
             d.stop()
@@ -362,6 +364,32 @@ def test_same_answers_as_252(pair: Pair) -> None:
     assert not differ, (f"{len(differ)} of {len(catalogue)} answers differ from 252's:\n"
                         + "\n".join(differ))
 
+
+
+def test_state_files_as_252s(pair: Pair) -> None:
+    """/run/systemd/machines: the same files and unit: links, the same lines in the same order
+    (but for the times of each daemon's own registration)."""
+    def files(d: Path) -> dict[str, str]:
+        out = {}
+        for f in sorted(d.iterdir()):
+            if f.is_symlink():
+                out[f.name] = "-> " + os.readlink(f)
+            elif not f.name.startswith("."):
+                out[f.name] = "".join(line for line in f.read_text().splitlines(keepends=True)
+                                      if not line.startswith(("REALTIME=", "MONOTONIC=")))
+        return out
+    args = ("difft-state", ID16, "svc", "vm", pair.leaders["free2"], "/srv", [7, 3])
+    for conn in (pair.real, pair.ours):
+        got = outcome(conn, M, MGR, "RegisterMachineWithNetwork", "sayssusai", *args)
+        assert got[0] == "ok", got
+    try:
+        real = files(pair.real_state)
+        assert "NETIF=7 3\n" in real["difft-state"] and "ID=" in real["difft-state"], real
+        assert real == files(STATE_DIR)
+    finally:
+        for conn in (pair.real, pair.ours):
+            outcome(conn, M, MGR, "UnregisterMachine", "s", "difft-state")
+    assert files(pair.real_state) == files(STATE_DIR)
 
 
 def test_host_times(pair: Pair) -> None:
