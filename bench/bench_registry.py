@@ -46,6 +46,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from tests.helpers import real252  # noqa: E402
 from tests.helpers.busdaemon import BusDaemon as TestBusDaemon  # noqa: E402 - needs REPO
 from tests.helpers.process import stop_process  # noqa: E402
 
@@ -842,21 +843,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
 def host_dirs(mount: str) -> Any:
     """The mount points for the daemons' tmpfs and the cgroup machine.slice: created if missing,
     removed again afterwards (if empty)."""
-    made = []
-    for d in (STATE_DIR, USERDB_DIR, Path(mount) / "machine.slice"):
-        if not d.exists():
-            d.mkdir(mode=0o755, parents=True)
-            made.append(d)
-    try:
-        yield
-    finally:
-        for d in reversed(made):
-            with contextlib.suppress(OSError):
-                d.rmdir()
+    return real252.host_dirs(Path(mount) / "machine.slice")
 
 
 def main(argv: list[str] | None = None) -> int:

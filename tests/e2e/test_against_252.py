@@ -11,7 +11,6 @@ mounts, PTYs), which are only made with arguments that fail before they act.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
@@ -26,7 +25,7 @@ from sdbus.sd_bus_internals import SdBus
 from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.client import RawClient, connect, outcome
 from tests.helpers.daemon import Machined, cgroup2_mount, clean_state, wait_for
-from tests.helpers.process import stop_process
+from tests.helpers.leaders import CgroupLeaders
 from tests.helpers.real252 import REAL_MACHINED, STATE_DIR, RealMachined, host_dirs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, mounts)")
@@ -279,45 +278,25 @@ class Pair:
     leaders: Leaders
 
 
-def _sleeper_in(cgroup: Path) -> subprocess.Popen[bytes]:
-    cgroup.mkdir(parents=True, exist_ok=True)
-    p = subprocess.Popen(["sh", "-c", f"echo $$ > {cgroup}/cgroup.procs && exec sleep 600"],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    wait_for(lambda: str(p.pid) in (cgroup / "cgroup.procs").read_text().split(), 5)
-    return p
-
-
-def _remove_cgroup(cgroup: Path) -> None:
-    with contextlib.suppress(OSError):
-        (cgroup / "cgroup.kill").write_text("1")
-    with contextlib.suppress(AssertionError):
-        wait_for(lambda: not (cgroup / "cgroup.procs").exists()
-                 or not (cgroup / "cgroup.procs").read_text().strip(), 5)
-    with contextlib.suppress(OSError):
-        cgroup.rmdir()
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     if not os.path.exists(REAL_MACHINED):
         pytest.fail(f"{REAL_MACHINED} is missing: the set-up installs systemd-container")
     root = Path(cgroup2_mount())
     slice_dir = root / "machine.slice"
-    made_slice = not slice_dir.exists()
-    roles = ["difft", "difft-vm", "free", "free2"]
-    cgroups = {r: slice_dir / f"difftest-{i}.scope" for i, r in enumerate(roles)}
-    cgroups["nounit"] = root / "difftest-nounit"
-    sleepers: list[subprocess.Popen[bytes]] = []
+    leaders = CgroupLeaders()
     buses: list[BusDaemon] = []
     daemons: list[Any] = []
     ours: Machined | None = None
     errors: list[str] = []
-    try:
-        for cg in cgroups.values():
-            sleepers.append(_sleeper_in(cg))
-        leaders = Leaders({r: p.pid for r, p in zip(cgroups, sleepers, strict=True)})
-        pools = {who: make_pool(tmp_path_factory.mktemp(f"pool-{who}")) for who in ("real", "ours")}
-        with host_dirs():
+    with host_dirs(slice_dir):
+        try:
+            pids = {role: leaders.sleeper(slice_dir / f"difftest-{i}.scope")
+                    for i, role in enumerate(["difft", "difft-vm", "free", "free2"])}
+            pids["nounit"] = leaders.sleeper(root / "difftest-nounit")
+            leaders.track(slice_dir / "machine-difft\\x2dnounit.scope")  # ours makes it
+            pools = {who: make_pool(tmp_path_factory.mktemp(f"pool-{who}"))
+                     for who in ("real", "ours")}
             buses.append(BusDaemon("open"))
             real = RealMachined(buses[-1], pool=pools["real"])
             daemons.append(real)
@@ -330,25 +309,20 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
             for conn in conns:
                 for name, cls in MACHINES:
                     got = outcome(conn, M, MGR, "RegisterMachine", "sayssus", name, b"", "test",
-                                  cls, leaders[name], "/")
+                                  cls, pids[name], "/")
                     assert got[0] == "ok", got
             yield Pair(conns[0], conns[1], dict(zip(("real", "ours"), buses, strict=True)),
-                       ours_root, Path(f"/proc/{real.proc.pid}/root{STATE_DIR}"), leaders)
-    finally:
-        for d in daemons:
-            d.stop()
-        if ours is not None:
-            errors = ours.unexpected_errors()
-        for b in buses:
-            b.stop()
-        clean_state()
-        for cg in cgroups.values():
-            _remove_cgroup(cg)
-        for p in sleepers:
-            stop_process(p, 5)
-        if made_slice:
-            with contextlib.suppress(OSError):
-                slice_dir.rmdir()
+                       ours_root, Path(f"/proc/{real.proc.pid}/root{STATE_DIR}"),
+                       Leaders(pids))
+        finally:
+            for d in daemons:
+                d.stop()
+            if ours is not None:
+                errors = ours.unexpected_errors()
+            for b in buses:
+                b.stop()
+            clean_state()
+            leaders.close()
     assert not errors, "machined logged unexpected errors:\n" + "\n".join(errors)
 
 

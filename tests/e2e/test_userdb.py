@@ -4,7 +4,6 @@ names of a user-namespaced container's IDs (what `ls -l` on its files prints).""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -18,7 +17,7 @@ import pytest
 
 from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.daemon import Machined, busctl, cgroup2_mount, clean_state, wait_for
-from tests.helpers.process import stop_process
+from tests.helpers.leaders import CgroupLeaders
 from tests.helpers.real252 import REAL_MACHINED, USERDB_DIR, RealMachined, host_dirs
 from tests.helpers.userns import spawn_userns_leader
 
@@ -171,60 +170,42 @@ def _register(bus: BusDaemon, leaders: dict[str, int]) -> None:
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     slice_dir = Path(cgroup2_mount()) / "machine.slice"
-    made_slice = not slice_dir.exists()
-    scopes = [slice_dir / f"udbtest-{i}.scope" for i in range(len(MACHINES))]
+    leaders = CgroupLeaders()
     buses: list[BusDaemon] = []
     daemons: list[Any] = []
     ours: Machined | None = None
     errors: list[str] = []
-    sleepers: list[subprocess.Popen[bytes]] = []
-    try:
-        leaders = {}
-        for scope, (name, _cls, uids, gids) in zip(scopes, MACHINES, strict=True):
-            if uids is None:
-                scope.mkdir(parents=True, exist_ok=True)
-                p = subprocess.Popen(
-                    ["sh", "-c", f"echo $$ > {scope}/cgroup.procs && exec sleep 600"],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-                sleepers.append(p)
-                wait_for(lambda s=scope: (s / "cgroup.procs").read_text().strip() != "", 5)
-                leaders[name] = p.pid
-            else:
-                leaders[name] = spawn_userns_leader(scope, uids, gids)
-        with host_dirs():
+    with host_dirs(slice_dir):
+        try:
+            pids = {}
+            for i, (name, _cls, uids, gids) in enumerate(MACHINES):
+                scope = slice_dir / f"udbtest-{i}.scope"
+                if uids is None:
+                    pids[name] = leaders.sleeper(scope)
+                else:
+                    leaders.track(scope)
+                    pids[name] = spawn_userns_leader(scope, uids, gids)
             real = None
             if os.path.exists(REAL_MACHINED):
                 buses.append(BusDaemon("open"))
                 real = RealMachined(buses[-1])
                 daemons.append(real)
-                _register(buses[-1], leaders)
+                _register(buses[-1], pids)
             buses.append(BusDaemon("open"))
             clean_state()
             ours = Machined(buses[-1], "--scope-backend=cgroupfs")
             daemons.append(ours)
-            _register(buses[-1], leaders)
+            _register(buses[-1], pids)
             yield World(ours, real)
-    finally:
-        for d in daemons:
-            d.stop()
-        if ours is not None:
-            errors = ours.unexpected_errors()
-        for b in buses:
-            b.stop()
-        clean_state()
-        for scope in scopes:
-            with contextlib.suppress(OSError):
-                (scope / "cgroup.kill").write_text("1")
-            with contextlib.suppress(AssertionError):
-                wait_for(lambda s=scope: not (s / "cgroup.procs").exists()
-                         or not (s / "cgroup.procs").read_text().strip(), 5)
-            with contextlib.suppress(OSError):
-                scope.rmdir()
-        for p in sleepers:
-            stop_process(p, 5)
-        if made_slice:
-            with contextlib.suppress(OSError):
-                slice_dir.rmdir()
+        finally:
+            for d in daemons:
+                d.stop()
+            if ours is not None:
+                errors = ours.unexpected_errors()
+            for b in buses:
+                b.stop()
+            clean_state()
+            leaders.close()
     assert not errors, "machined logged unexpected errors:\n" + "\n".join(errors)
 
 

@@ -36,9 +36,9 @@ def connect(bus: BusDaemon, timeout_usec: int = 20_000_000) -> SdBus:
 
 
 def outcome(conn: SdBus, path: str, iface: str, member: str, sig: str = "",
-            *args: Any) -> tuple[str, Any]:
+            *args: Any, dest: str = DEST) -> tuple[str, Any]:
     """("ok", the reply's contents) or ("error", (name, message))."""
-    msg = conn.new_method_call_message(DEST, path, iface, member)
+    msg = conn.new_method_call_message(dest, path, iface, member)
     if sig:
         msg.append_data(sig, *args)
     try:

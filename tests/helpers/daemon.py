@@ -79,7 +79,7 @@ class Machined:
     def userdb_socket(self) -> Path:
         return self.userdb_dir / "io.systemd.Machine"
 
-    def stop(self) -> int:
+    def stop(self) -> int | None:
         assert self.proc is not None
         code = stop_process(self.proc, 10)
         self.log_file.close()

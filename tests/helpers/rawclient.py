@@ -12,22 +12,15 @@ import ast
 import sys
 from typing import Any
 
-from sdbus.sd_bus_internals import SdBus, SdBusBaseError, sd_bus_open_system
+from sdbus.sd_bus_internals import SdBus, sd_bus_open_system
 
-from machined.bus.client import remote_error
+from tests.helpers.client import outcome
 
 
 def call(bus: SdBus, request: tuple[Any, ...]) -> tuple[Any, ...]:
     dest, path, iface, member, sig, args = request[:6]
-    msg = bus.new_method_call_message(dest, path, iface, member)
-    if sig:
-        msg.append_data(sig, *args)
-    try:
-        reply = bus.call(msg)
-    except SdBusBaseError as e:
-        err = remote_error(e)
-        return ("error", err.name, err.message)
-    return ("ok", reply.parse_to_tuple())
+    kind, value = outcome(bus, path, iface, member, sig, *args, dest=dest)
+    return (kind, *value) if kind == "error" else (kind, value)
 
 
 def main() -> int:

@@ -48,9 +48,10 @@ class RealMachined:
 
 
 @contextlib.contextmanager
-def host_dirs() -> Iterator[None]:
-    """The mount points 252's tmpfs and pool need; made if missing and removed again."""
-    made = [d for d in (STATE_DIR, USERDB_DIR, POOL) if not d.exists()]
+def host_dirs(*extra: Path) -> Iterator[None]:
+    """The mount points 252's tmpfs and pool need, and `extra` directories (machine.slice, say);
+    made if missing and removed again (if empty)."""
+    made = [d for d in (STATE_DIR, USERDB_DIR, POOL, *extra) if not d.exists()]
     for d in made:
         d.mkdir(mode=0o755, parents=True)
     try:
