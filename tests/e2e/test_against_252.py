@@ -24,9 +24,9 @@ from sdbus.sd_bus_internals import SdBus
 
 from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.client import RawClient, connect, outcome
-from tests.helpers.daemon import Machined, cgroup2_mount, clean_state, wait_for
+from tests.helpers.daemon import cgroup2_mount, wait_for
 from tests.helpers.leaders import CgroupLeaders
-from tests.helpers.real252 import REAL_MACHINED, STATE_DIR, RealMachined, host_dirs
+from tests.helpers.real252 import REAL_MACHINED, STATE_DIR, host_dirs, side_by_side
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, mounts)")
 
@@ -285,45 +285,28 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     root = Path(cgroup2_mount())
     slice_dir = root / "machine.slice"
     leaders = CgroupLeaders()
-    buses: list[BusDaemon] = []
-    daemons: list[Any] = []
-    ours: Machined | None = None
-    errors: list[str] = []
+    pools = {who: make_pool(tmp_path_factory.mktemp(f"pool-{who}")) for who in ("real", "ours")}
+    ours_root = str(pools["ours"].parents[2])
     with host_dirs(slice_dir):
         try:
             pids = {role: leaders.sleeper(slice_dir / f"difftest-{i}.scope")
                     for i, role in enumerate(["difft", "difft-vm", "free", "free2"])}
             pids["nounit"] = leaders.sleeper(root / "difftest-nounit")
             leaders.track(slice_dir / "machine-difft\\x2dnounit.scope")  # ours makes it
-            pools = {who: make_pool(tmp_path_factory.mktemp(f"pool-{who}"))
-                     for who in ("real", "ours")}
-            buses.append(BusDaemon("open"))
-            real = RealMachined(buses[-1], pool=pools["real"])
-            daemons.append(real)
-            buses.append(BusDaemon("open"))
-            clean_state()
-            ours_root = str(pools["ours"].parents[2])
-            ours = Machined(buses[-1], "--scope-backend=cgroupfs", f"--image-root={ours_root}")
-            daemons.append(ours)
-            conns = [connect(b) for b in buses]
-            for conn in conns:
-                for name, cls in MACHINES:
-                    got = outcome(conn, M, MGR, "RegisterMachine", "sayssus", name, b"", "test",
-                                  cls, pids[name], "/")
-                    assert got[0] == "ok", got
-            yield Pair(conns[0], conns[1], dict(zip(("real", "ours"), buses, strict=True)),
-                       ours_root, Path(f"/proc/{real.proc.pid}/root{STATE_DIR}"),
-                       Leaders(pids))
+            with side_by_side("--scope-backend=cgroupfs", f"--image-root={ours_root}",
+                              pool=pools["real"]) as two:
+                assert two.real is not None and two.real_bus is not None
+                buses = {"real": two.real_bus, "ours": two.ours_bus}
+                conns = {who: connect(bus) for who, bus in buses.items()}
+                for conn in conns.values():
+                    for name, cls in MACHINES:
+                        got = outcome(conn, M, MGR, "RegisterMachine", "sayssus", name, b"",
+                                      "test", cls, pids[name], "/")
+                        assert got[0] == "ok", got
+                yield Pair(conns["real"], conns["ours"], buses, ours_root,
+                           Path(f"/proc/{two.real.proc.pid}/root{STATE_DIR}"), Leaders(pids))
         finally:
-            for d in daemons:
-                d.stop()
-            if ours is not None:
-                errors = ours.unexpected_errors()
-            for b in buses:
-                b.stop()
-            clean_state()
             leaders.close()
-    assert not errors, "machined logged unexpected errors:\n" + "\n".join(errors)
 
 
 MACHINECTL = [

@@ -18,7 +18,7 @@ import pytest
 from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.daemon import Machined, busctl, cgroup2_mount, clean_state, wait_for
 from tests.helpers.leaders import CgroupLeaders
-from tests.helpers.real252 import REAL_MACHINED, USERDB_DIR, RealMachined, host_dirs
+from tests.helpers.real252 import REAL_MACHINED, USERDB_DIR, RealMachined, host_dirs, side_by_side
 from tests.helpers.userns import spawn_userns_leader
 
 U = "io.systemd.UserDatabase."
@@ -171,10 +171,6 @@ def _register(bus: BusDaemon, leaders: dict[str, int]) -> None:
 def world() -> Iterator[World]:
     slice_dir = Path(cgroup2_mount()) / "machine.slice"
     leaders = CgroupLeaders()
-    buses: list[BusDaemon] = []
-    daemons: list[Any] = []
-    ours: Machined | None = None
-    errors: list[str] = []
     with host_dirs(slice_dir):
         try:
             pids = {}
@@ -183,30 +179,16 @@ def world() -> Iterator[World]:
                 if uids is None:
                     pids[name] = leaders.sleeper(scope)
                 else:
+                    assert gids is not None
                     leaders.track(scope)
                     pids[name] = spawn_userns_leader(scope, uids, gids)
-            real = None
-            if os.path.exists(REAL_MACHINED):
-                buses.append(BusDaemon("open"))
-                real = RealMachined(buses[-1])
-                daemons.append(real)
-                _register(buses[-1], pids)
-            buses.append(BusDaemon("open"))
-            clean_state()
-            ours = Machined(buses[-1], "--scope-backend=cgroupfs")
-            daemons.append(ours)
-            _register(buses[-1], pids)
-            yield World(ours, real)
+            with side_by_side("--scope-backend=cgroupfs") as two:
+                for bus in (two.real_bus, two.ours_bus):
+                    if bus is not None:
+                        _register(bus, pids)
+                yield World(two.ours, two.real)
         finally:
-            for d in daemons:
-                d.stop()
-            if ours is not None:
-                errors = ours.unexpected_errors()
-            for b in buses:
-                b.stop()
-            clean_state()
             leaders.close()
-    assert not errors, "machined logged unexpected errors:\n" + "\n".join(errors)
 
 
 def test_same_answers_as_252(world: World) -> None:

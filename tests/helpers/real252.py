@@ -7,10 +7,11 @@ import os
 import shlex
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from .busdaemon import BusDaemon
-from .daemon import busctl, wait_for
+from .daemon import Machined, busctl, clean_state, wait_for
 from .process import stop_process
 
 REAL_MACHINED = "/lib/systemd/systemd-machined"
@@ -60,3 +61,40 @@ def host_dirs(*extra: Path) -> Iterator[None]:
         for d in reversed(made):
             with contextlib.suppress(OSError):
                 d.rmdir()
+
+
+@dataclass
+class SideBySide:
+    real: RealMachined | None  # None where systemd-container is not installed
+    real_bus: BusDaemon | None
+    ours: Machined
+    ours_bus: BusDaemon
+
+
+@contextlib.contextmanager
+def side_by_side(*ours_args: str, pool: Path | None = None) -> Iterator[SideBySide]:
+    """252 (with `pool`, see RealMachined) and ours (with `ours_args`), each on a private bus
+    of its own; both stopped afterwards, and ours must have logged no unexpected error. Needs
+    `host_dirs()` around it."""
+    buses: list[BusDaemon] = []
+    real: RealMachined | None = None
+    ours: Machined | None = None
+    errors: list[str] = []
+    try:
+        if os.path.exists(REAL_MACHINED):
+            buses.append(BusDaemon("open"))
+            real = RealMachined(buses[-1], pool=pool)
+        buses.append(BusDaemon("open"))
+        clean_state()
+        ours = Machined(buses[-1], *ours_args)
+        yield SideBySide(real, buses[0] if real else None, ours, buses[-1])
+    finally:
+        for d in (real, ours):
+            if d is not None:
+                d.stop()
+        if ours is not None:
+            errors = ours.unexpected_errors()
+        for b in buses:
+            b.stop()
+        clean_state()
+    assert not errors, "machined logged unexpected errors:\n" + "\n".join(errors)

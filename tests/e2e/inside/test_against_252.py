@@ -126,8 +126,8 @@ def same(answers: dict[str, tuple[str, Any]]) -> tuple[str, Any]:
         if isinstance(v, dict):
             return {k: plain(x, who) for k, x in v.items()}
         return v
-    real, ours = (plain(answers[who], who) for who in WHO)
-    assert real == ours, f"252: {answers['real']}\nours: {answers['ours']}"
+    real: tuple[str, Any] = plain(answers["real"], "real")
+    assert real == plain(answers["ours"], "ours"), f"252: {answers['real']}\nours: {answers['ours']}"
     return real
 
 
@@ -160,8 +160,9 @@ def test_facts_of_the_container(pair: Pair) -> None:
     addresses = same(both(pair, "GetMachineAddresses", "s", n))
     assert (addresses[0] == "ok") == pair.userns, addresses  # else NoPrivateNetworking
     machine = f"{M}/machine/{n}"
-    for member, sig, args in (("GetOSRelease", "", ()), ("GetUIDShift", "", ()),
-                              ("Kill", "si", ("leader", 18))):
+    own: list[tuple[str, str, tuple[Any, ...]]] = [("GetOSRelease", "", ()), ("GetUIDShift", "", ()),
+                                                   ("Kill", "si", ("leader", 18))]
+    for member, sig, args in own:
         same(both(pair, member, sig, *args, path=machine, iface=MACH))
     answers = both(pair, "GetAll", "s", MACH, path=machine, iface=PROPS)
     for who in WHO:
