@@ -84,8 +84,8 @@ def cases(leaders: Leaders) -> list[tuple[str, str, str, str, tuple[Any, ...]]]:
     # lookups
     for name in ("difft", "difft-vm", ".host", "", "nope", long_name, "a/b", "-x", "difft."):
         mgr("GetMachine", "s", name)
-    for pid in (L["difft"], L["difft-vm"], L["free"], L["nounit"], 1, 0, NO_PID, 2**31,
-                2**32 - 1):
+    for pid in (L["difft"], L["difft-vm"], L["free"], L["nounit"], L["difft-other"],
+                L["difft-below"], 1, 0, NO_PID, 2**31, 2**32 - 1):
         mgr("GetMachineByPID", "u", pid)
     mgr("ListMachines")
     # registration: every check, in 252's order, each failing before anything is made
@@ -295,6 +295,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
             pids = {role: leaders.sleeper(slice_dir / f"difftest-{i}.scope")
                     for i, role in enumerate(["difft", "difft-vm", "free", "free2"])}
             pids["nounit"] = leaders.sleeper(root / "difftest-nounit")
+            # not leaders: another process of difft's scope, and one in a cgroup below it
+            pids["difft-other"] = leaders.sleeper(slice_dir / "difftest-0.scope")
+            pids["difft-below"] = leaders.sleeper(slice_dir / "difftest-0.scope/payload")
             leaders.track(slice_dir / "machine-difft\\x2dnounit.scope")  # ours makes it
             with side_by_side("--scope-backend=cgroupfs", f"--image-root={ours_root}",
                               pool=pools["real"]) as two:
@@ -434,6 +437,26 @@ def test_state_files_as_252s(pair: Pair) -> None:
         for conn in (pair.real, pair.ours):
             outcome(conn, M, MGR, "UnregisterMachine", "s", "difft-state")
     assert files(pair.real_state) == files(STATE_DIR)
+
+
+def test_a_caller_inside_a_machine(pair: Pair) -> None:
+    """A caller in difft's scope: GetMachineByPID(0) and the machine/self object are difft."""
+    scope = Path(cgroup2_mount()) / "machine.slice/difftest-0.scope"
+    clients = {who: RawClient(bus) for who, bus in pair.buses.items()}
+    try:
+        answers = {}
+        for who, client in clients.items():
+            (scope / "cgroup.procs").write_text(str(client.proc.pid))
+            answers[who] = [
+                client.call(M, MGR, "GetMachineByPID", "u", (0,)),
+                client.call(f"{M}/machine/self", PROPS, "Get", "ss", (MACH, "Name")),
+                client.call(f"{M}/machine/self", MACH, "GetUIDShift")]
+        assert answers["real"] == answers["ours"], answers
+        assert answers["real"][:2] == [("ok", (f"{M}/machine/difft",)),
+                                       ("ok", (("s", "difft"),))], answers
+    finally:
+        for c in clients.values():
+            c.close()
 
 
 def test_host_times(pair: Pair) -> None:

@@ -32,7 +32,7 @@ class CgroupLeaders:
         self.cgroups.append(cgroup)
 
     def close(self) -> None:
-        for cgroup in self.cgroups:
+        for cgroup in reversed(self.cgroups):  # a cgroup's children before it
             with contextlib.suppress(OSError):
                 (cgroup / "cgroup.kill").write_text("1")
             with contextlib.suppress(AssertionError):
