@@ -29,6 +29,8 @@ from tests.helpers.daemon import cgroup2_mount, wait_for
 from tests.helpers.leaders import CgroupLeaders
 from tests.helpers.real252 import REAL_MACHINED, STATE_DIR, host_dirs, side_by_side
 
+from .support import Monitor
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, mounts)")
 
 M = "/org/freedesktop/machine1"
@@ -457,6 +459,31 @@ def test_a_caller_inside_a_machine(pair: Pair) -> None:
     finally:
         for c in clients.values():
             c.close()
+
+
+def test_signals_as_252s(pair: Pair) -> None:
+    """What the daemons signal while machines come and go (and a registration fails)."""
+    monitors = {who: Monitor(bus) for who, bus in pair.buses.items()}
+    try:
+        for conn in (pair.real, pair.ours):
+            for call in (("RegisterMachine", "sayssus", "difft-sig", b"", "", "vm",
+                          pair.leaders["free2"], ""),
+                         ("RegisterMachine", "sayssus", "difft-sig2", b"", "", "vm",
+                          pair.leaders["free2"], ""),  # its leader is taken
+                         ("UnregisterMachine", "s", "difft-sig"),
+                         ("UnregisterMachine", "s", "difft-sig")):
+                outcome(conn, M, MGR, *call)
+        seen = {}
+        for who, monitor in monitors.items():
+            monitor.sync()
+            seen[who] = [(m["path"], m["interface"], m["member"], m["payload"]["data"])
+                         for m in monitor.snapshot()
+                         if m.get("type") == "signal" and m["path"].startswith(M)]
+        assert seen["real"] == seen["ours"], seen
+        assert [s[2] for s in seen["real"]] == ["MachineNew", "MachineRemoved"], seen
+    finally:
+        for monitor in monitors.values():
+            monitor.stop()
 
 
 def test_host_times(pair: Pair) -> None:
