@@ -19,10 +19,10 @@ from sdbus.sd_bus_internals import SdBus
 
 from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.client import connect, outcome
-from tests.helpers.daemon import Machined, cgroup2_mount, clean_state, wait_for
+from tests.helpers.daemon import cgroup2_mount, wait_for
 from tests.helpers.leaders import CgroupLeaders
 from tests.helpers.process import stop_process
-from tests.helpers.real252 import REAL_MACHINED, RealMachined, host_dirs
+from tests.helpers.real252 import REAL_MACHINED, host_dirs, side_by_side
 
 from .support import FakeSystemd1
 
@@ -60,42 +60,29 @@ def sides() -> Iterator[dict[str, Side]]:
         pytest.fail(f"{REAL_MACHINED} is missing: the set-up installs systemd-container")
     slice_dir = Path(cgroup2_mount()) / "machine.slice"
     leaders = CgroupLeaders()
-    buses: list[BusDaemon] = []
-    stoppable: list[Any] = []
+    fakes: dict[BusDaemon, FakeSystemd1] = {}
     out: dict[str, Side] = {}
-    ours: Machined | None = None
-    errors: list[str] = []
+
+    def start_fake(bus: BusDaemon) -> FakeSystemd1:
+        fakes[bus] = FakeSystemd1(bus)
+        return fakes[bus]
+
     with host_dirs(slice_dir):
         try:
-            for who in WHO:
-                bus = BusDaemon("open")
-                buses.append(bus)
-                fake = FakeSystemd1(bus)
-                stoppable.append(fake)
-                if who == "real":
-                    stoppable.insert(0, RealMachined(bus))
-                else:
-                    clean_state()
-                    ours = Machined(bus, "--scope-backend=auto", "--stop-timeout=3")
-                    stoppable.insert(0, ours)
-                out[who] = Side(who, connect(bus), fake, leaders, [])
             for i in range(6):
                 for who in WHO:  # the scopes the fakes make
                     leaders.track(slice_dir / f"machine-dsys{who}{i}.scope")
-            yield out
+            with side_by_side("--scope-backend=auto", "--stop-timeout=3",
+                              on_bus=start_fake) as two:
+                assert two.real_bus is not None
+                for who, bus in (("real", two.real_bus), ("ours", two.ours_bus)):
+                    out[who] = Side(who, connect(bus), fakes[bus], leaders, [])
+                yield out
         finally:
-            for s in stoppable:
-                s.stop()
-            if ours is not None:
-                errors = ours.unexpected_errors()
-            for b in buses:
-                b.stop()
-            clean_state()
             for side in out.values():
                 for p in side.sleepers:
                     stop_process(p, 5)
             leaders.close()
-    assert not errors, "machined logged unexpected errors:\n" + "\n".join(errors)
 
 
 def plain(value: Any, who: str) -> Any:

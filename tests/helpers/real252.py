@@ -6,9 +6,10 @@ import contextlib
 import os
 import shlex
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from .busdaemon import BusDaemon
 from .daemon import Machined, busctl, clean_state, wait_for
@@ -63,6 +64,10 @@ def host_dirs(*extra: Path) -> Iterator[None]:
                 d.rmdir()
 
 
+class Stoppable(Protocol):
+    def stop(self) -> Any: ...
+
+
 @dataclass
 class SideBySide:
     real: RealMachined | None  # None where systemd-container is not installed
@@ -72,28 +77,38 @@ class SideBySide:
 
 
 @contextlib.contextmanager
-def side_by_side(*ours_args: str, pool: Path | None = None) -> Iterator[SideBySide]:
+def side_by_side(*ours_args: str, pool: Path | None = None,
+                 on_bus: Callable[[BusDaemon], Stoppable] | None = None) -> Iterator[SideBySide]:
     """252 (with `pool`, see RealMachined) and ours (with `ours_args`), each on a private bus
-    of its own; both stopped afterwards, and ours must have logged no unexpected error. Needs
-    `host_dirs()` around it."""
+    of its own, where `on_bus` may start a service first (a fake systemd1, say); all stopped
+    afterwards, and ours must have logged no unexpected error. Needs `host_dirs()` around it."""
     buses: list[BusDaemon] = []
+    services: list[Stoppable] = []
     real: RealMachined | None = None
     ours: Machined | None = None
     errors: list[str] = []
+
+    def new_bus() -> BusDaemon:
+        buses.append(BusDaemon("open"))
+        if on_bus is not None:
+            services.append(on_bus(buses[-1]))
+        return buses[-1]
+
     try:
         if os.path.exists(REAL_MACHINED):
-            buses.append(BusDaemon("open"))
-            real = RealMachined(buses[-1], pool=pool)
-        buses.append(BusDaemon("open"))
+            real = RealMachined(new_bus(), pool=pool)
+        bus = new_bus()
         clean_state()
-        ours = Machined(buses[-1], *ours_args)
-        yield SideBySide(real, buses[0] if real else None, ours, buses[-1])
+        ours = Machined(bus, *ours_args)
+        yield SideBySide(real, buses[0] if real else None, ours, bus)
     finally:
         for d in (real, ours):
             if d is not None:
                 d.stop()
         if ours is not None:
             errors = ours.unexpected_errors()
+        for service in services:
+            service.stop()
         for b in buses:
             b.stop()
         clean_state()
