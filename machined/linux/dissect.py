@@ -79,6 +79,8 @@ def find_partitions(path: str) -> tuple[Partition | None, Partition | None]:
     with open(path, "rb") as f:
         parts = _partitions(f)
         if parts is None:
+            if not _has_file_system(path):  # neither a partition table nor a file system
+                raise OSError(errno.ENOPKG, os.strerror(errno.ENOPKG))
             f.seek(0, os.SEEK_END)
             return Partition(0, f.tell()), None
     arch = platform.machine()
@@ -90,6 +92,14 @@ def find_partitions(path: str) -> tuple[Partition | None, Partition | None]:
     if root is None and usr is None:
         raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
     return root, usr
+
+
+def _has_file_system(path: str) -> bool:
+    """What systemd's dissect asks of an image without a partition table: does blkid find a
+    file system (or an encrypted volume) at its start?"""
+    out = subprocess.run(["blkid", "-p", "-o", "value", "-s", "USAGE", "--", path],
+                         capture_output=True, text=True, check=False)
+    return out.stdout.strip() in ("filesystem", "crypto")
 
 
 def tree_metadata(root: str) -> Metadata:

@@ -1,0 +1,145 @@
+"""Images, the real 252 decides: two pools made alike (a directory tree, a bare ext4 raw image,
+a GPT raw image with a root partition, a raw file that is no image, a hidden and a read-only
+one), one for 252 (bind-mounted over /var/lib/machines in its mount namespace) and one for
+ours (--image-root), and the same questions and changes to both. Times of day are each pool's
+own and are taken out."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from sdbus.sd_bus_internals import SdBus
+
+from tests.helpers.client import connect, outcome
+from tests.helpers.images import Pool
+from tests.helpers.real252 import REAL_MACHINED, host_dirs, side_by_side
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices, mounts)")
+
+M = "/org/freedesktop/machine1"
+MGR = "org.freedesktop.machine1.Manager"
+IMG = "org.freedesktop.machine1.Image"
+PROPS = "org.freedesktop.DBus.Properties"
+NAMES = ["tree", "bare", "gpt", "junk", ".hidden", "ro"]
+TIMES = ("CreationTimestamp", "ModificationTimestamp")
+
+
+def make_images(pool: Pool) -> None:
+    pool.directory("tree", machine_id="0123456789abcdef0123456789abcdef")
+    pool.bare_raw("bare")
+    pool.gpt_raw("gpt")
+    (pool.pool / "junk.raw").write_bytes(b"\0" * 65536)
+    pool.directory(".hidden")
+    ro = pool.bare_raw("ro")
+    os.chmod(ro, 0o444)
+
+
+@dataclass
+class Pair:
+    conns: dict[str, SdBus]
+    env: dict[str, dict[str, str]]
+    root: str  # ours' --image-root
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[Pair]:
+    if not os.path.exists(REAL_MACHINED):
+        pytest.fail(f"{REAL_MACHINED} is missing: the set-up installs systemd-container")
+    pools = {"real": Pool(), "ours": Pool()}
+    try:
+        for p in pools.values():
+            make_images(p)
+        with host_dirs(), side_by_side("--scope-backend=cgroupfs",
+                                       f"--image-root={pools['ours'].root}",
+                                       pool=pools["real"].pool) as two:
+            assert two.real_bus is not None
+            buses = {"real": two.real_bus, "ours": two.ours_bus}
+            yield Pair({who: connect(b) for who, b in buses.items()},
+                       {who: b.env() for who, b in buses.items()}, str(pools["ours"].root))
+    finally:
+        for p in pools.values():
+            p.cleanup()
+
+
+def plain(pair: Pair, who: str, value: Any) -> Any:
+    if isinstance(value, str):
+        return value.removeprefix(pair.root) if who == "ours" else value
+    if isinstance(value, tuple | list):
+        return [plain(pair, who, v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(pair, who, v) for k, v in value.items() if k not in TIMES}
+    return value
+
+
+def both(pair: Pair, path: str, iface: str, member: str, sig: str = "",
+         *args: Any) -> dict[str, Any]:
+    return {who: plain(pair, who, outcome(conn, path, iface, member, sig, *args))
+            for who, conn in pair.conns.items()}
+
+
+def test_questions(pair: Pair) -> None:
+    differ = []
+
+    def check(answers: dict[str, Any], what: str) -> None:
+        if answers["real"] != answers["ours"]:
+            differ.append(f"{what}\n  252:  {answers['real']}\n  ours: {answers['ours']}")
+
+    listing = both(pair, M, MGR, "ListImages")
+    for who in listing:  # name, type, read-only, (times), usage, path
+        listing[who][1] = sorted((i[0], i[1], i[2], i[5], i[6]) for i in listing[who][1][0])
+    check(listing, "ListImages")
+    for name in NAMES:
+        check(both(pair, M, MGR, "GetImage", "s", name), f"GetImage {name}")
+        for member in ("GetImageHostname", "GetImageMachineID", "GetImageMachineInfo",
+                       "GetImageOSRelease"):
+            check(both(pair, M, MGR, member, "s", name), f"{member} {name}")
+        path = f"{M}/image/{name.replace('.', '_2e')}"
+        check(both(pair, path, PROPS, "GetAll", "s", IMG), f"GetAll {name}")
+    assert not differ, "\n".join(differ)
+
+
+def machinectl(pair: Pair, who: str, *args: str) -> str:
+    out = subprocess.run(["machinectl", "--no-pager", *args], env=pair.env[who],
+                         capture_output=True, text=True, timeout=60)
+    text = f"rc={out.returncode}\n{out.stdout}\n{out.stderr}"
+    if who == "ours":
+        text = text.replace(pair.root, "")
+    text = re.sub(r"\w{3} \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \w+(; [^\n]* ago)?", "TIME", text)
+    return re.sub(r'"(created|modified)":\d+', "TIME", text)
+
+
+@pytest.mark.parametrize("verb", [
+    ["list-images"], ["list-images", "--all"], ["list-images", "--output=json"],
+    *[["image-status", n] for n in NAMES], *[["show-image", n] for n in NAMES],
+])
+def test_machinectl(pair: Pair, verb: list[str]) -> None:
+    assert machinectl(pair, "real", *verb) == machinectl(pair, "ours", *verb)
+
+
+def test_changes(pair: Pair) -> None:
+    differ = []
+    for member, sig, args in [
+            ("MarkImageReadOnly", "sb", ("bare", True)), ("GetImage", "s", ("bare",)),
+            ("RenameImage", "ss", ("bare", "bare2")),  # read-only images can be renamed
+            ("CloneImage", "ssb", ("bare2", "bare3", False)),
+            ("GetImageOSRelease", "s", ("bare3",)),
+            ("MarkImageReadOnly", "sb", ("bare2", False)),
+            ("RemoveImage", "s", ("ro",)), ("RemoveImage", "s", ("bare3",)),
+            ("CloneImage", "ssb", ("gpt", "gpt2", True)),
+            ("GetImageHostname", "s", ("gpt2",)),
+            ("RenameImage", "ss", ("tree", "gpt2")),
+            ("CleanPool", "s", ("hidden",)), ("GetImage", "s", (".hidden",)),
+            ("RemoveImage", "s", ("gpt2",)), ("RemoveImage", "s", ("junk",))]:
+        answers = both(pair, M, MGR, member, sig, *args)
+        if answers["real"] != answers["ours"]:
+            differ.append(f"{member} {args}\n  252:  {answers['real']}\n  ours: {answers['ours']}")
+    listing = {who: sorted(i[:3] for i in outcome(conn, M, MGR, "ListImages")[1][0])
+               for who, conn in pair.conns.items()}
+    assert listing["real"] == listing["ours"], listing
+    assert not differ, "\n".join(differ)
