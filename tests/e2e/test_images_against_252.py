@@ -1,6 +1,6 @@
 """Images, the real 252 decides: two pools made alike (a directory tree, a bare ext4 raw image,
 a GPT raw image with a root partition, a raw file that is no image, a hidden and a read-only
-one), one for 252 (bind-mounted over /var/lib/machines in its mount namespace) and one for
+one; and all that again on btrfs with quota, with a subvolume), one for 252 (bind-mounted over /var/lib/machines in its mount namespace) and one for
 ours (--image-root), and the same questions and changes to both. Times of day are each pool's
 own and are taken out."""
 
@@ -26,11 +26,19 @@ M = "/org/freedesktop/machine1"
 MGR = "org.freedesktop.machine1.Manager"
 IMG = "org.freedesktop.machine1.Image"
 PROPS = "org.freedesktop.DBus.Properties"
-NAMES = ["tree", "bare", "gpt", "junk", ".hidden", "ro"]
+NAMES = ["tree", "bare", "gpt", "junk", ".hidden", "ro", "sub"]  # sub: on btrfs only
 TIMES = ("CreationTimestamp", "ModificationTimestamp")
 
 
-def make_images(pool: Pool) -> None:
+def make_images(pool: Pool, kind: str) -> None:
+    if kind == "btrfs":  # the pool a btrfs with quota, and a subvolume image in it
+        pool.btrfs(quota=True)
+        subprocess.run(["btrfs", "subvolume", "create", str(pool.pool / "sub")], check=True,
+                       capture_output=True)
+        (pool.pool / "sub/etc").mkdir()
+        (pool.pool / "sub/etc/hostname").write_text("subhost\n")
+        subprocess.run(["btrfs", "quota", "rescan", "-w", str(pool.pool)], check=True,
+                       capture_output=True)
     pool.directory("tree", machine_id="0123456789abcdef0123456789abcdef")
     pool.bare_raw("bare")
     pool.gpt_raw("gpt")
@@ -47,14 +55,14 @@ class Pair:
     root: str  # ours' --image-root
 
 
-@pytest.fixture(scope="module")
-def pair() -> Iterator[Pair]:
+@pytest.fixture(scope="module", params=["plain", "btrfs"])
+def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
     if not os.path.exists(REAL_MACHINED):
         pytest.fail(f"{REAL_MACHINED} is missing: the set-up installs systemd-container")
     pools = {"real": Pool(), "ours": Pool()}
     try:
         for p in pools.values():
-            make_images(p)
+            make_images(p, request.param)
         with host_dirs(), side_by_side("--scope-backend=cgroupfs",
                                        f"--image-root={pools['ours'].root}",
                                        pool=pools["real"].pool) as two:
@@ -135,10 +143,16 @@ def test_changes(pair: Pair) -> None:
             ("GetImageHostname", "s", ("gpt2",)),
             ("RenameImage", "ss", ("tree", "gpt2")),
             ("CleanPool", "s", ("hidden",)), ("GetImage", "s", (".hidden",)),
-            ("RemoveImage", "s", ("gpt2",)), ("RemoveImage", "s", ("junk",))]:
+            ("RemoveImage", "s", ("gpt2",)), ("RemoveImage", "s", ("junk",)),
+            ("SetImageLimit", "st", ("sub", 1 << 30)), ("CloneImage", "ssb", ("sub", "sub2", False)),
+            ("SetPoolLimit", "t", (1 << 31,)), ("RemoveImage", "s", ("sub2",))]:
         answers = both(pair, M, MGR, member, sig, *args)
         if answers["real"] != answers["ours"]:
             differ.append(f"{member} {args}\n  252:  {answers['real']}\n  ours: {answers['ours']}")
+    for path, iface in ((f"{M}/image/sub", IMG), (M, MGR)):  # the limits set above
+        answers = both(pair, path, PROPS, "GetAll", "s", iface)
+        if answers["real"] != answers["ours"]:
+            differ.append(f"GetAll {path}\n  252:  {answers['real']}\n  ours: {answers['ours']}")
     listing = {who: sorted(i[:3] for i in outcome(conn, M, MGR, "ListImages")[1][0])
                for who, conn in pair.conns.items()}
     assert listing["real"] == listing["ours"], listing
