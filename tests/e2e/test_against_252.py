@@ -486,6 +486,35 @@ def test_signals_as_252s(pair: Pair) -> None:
             monitor.stop()
 
 
+def test_host_machine(pair: Pair) -> None:
+    """What `.host` answers about itself: os-release, UID shift and maps, addresses, its root
+    directory and a PTY of the host's."""
+    for member, sig, args in (("GetMachineOSRelease", "s", (".host",)),
+                              ("GetMachineUIDShift", "s", (".host",)),
+                              ("MapFromMachineUser", "su", (".host", 1000)),
+                              ("MapFromMachineGroup", "su", (".host", 1000)),
+                              ("BindMountMachine", "sssbb", (".host", NO_A, NO_B, False, True)),
+                              ("CopyToMachine", "sss", (".host", NO_A, NO_B))):
+        real, ours = (outcome(c, M, MGR, member, sig, *args) for c in (pair.real, pair.ours))
+        assert real == ours, (member, real, ours)
+    real, ours = (outcome(c, M, MGR, "GetMachineAddresses", "s", ".host")
+                  for c in (pair.real, pair.ours))
+    assert real[0] == ours[0] == "ok" and sorted(real[1][0]) == sorted(ours[1][0]), (real, ours)
+    fds = []
+    try:
+        for conn in (pair.real, pair.ours):
+            kind, (fd,) = outcome(conn, M, MGR, "OpenMachineRootDirectory", "s", ".host")
+            fds.append(fd)
+            assert kind == "ok" and os.fstat(fd).st_ino == os.stat("/").st_ino
+            kind, (fd, name) = outcome(conn, M, MGR, "OpenMachinePTY", "s", ".host")
+            fds.append(fd)
+            assert kind == "ok" and re.fullmatch(r"/dev/pts/\d+", name), name
+            assert os.path.exists(name)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def test_host_times(pair: Pair) -> None:
     """`.host` dates from the boot: the same realtime in both (read at each daemon's start, so
     a few µs apart at most), and CLOCK_MONOTONIC's 0 (or the µs between reading the clocks)."""
