@@ -1,6 +1,6 @@
 """Images, the real 252 decides: two pools made alike (a directory tree, a bare ext4 raw image,
 a GPT raw image with a root partition, a raw file that is no image, a hidden and a read-only
-one; and all that again on btrfs with quota, with a subvolume), one for 252 (bind-mounted over /var/lib/machines in its mount namespace) and one for
+one, a loop block device; and on btrfs with quota, with a subvolume), one for 252 (bind-mounted over /var/lib/machines in its mount namespace) and one for
 ours (--image-root), and the same questions and changes to both. Times of day are each pool's
 own and are taken out."""
 
@@ -26,7 +26,7 @@ M = "/org/freedesktop/machine1"
 MGR = "org.freedesktop.machine1.Manager"
 IMG = "org.freedesktop.machine1.Image"
 PROPS = "org.freedesktop.DBus.Properties"
-NAMES = ["tree", "bare", "gpt", "junk", ".hidden", "ro", "sub"]  # sub: on btrfs only
+NAMES = ["tree", "bare", "gpt", "junk", ".hidden", "ro", "sub", "blk"]  # sub: btrfs; blk: plain
 TIMES = ("CreationTimestamp", "ModificationTimestamp")
 
 
@@ -46,6 +46,12 @@ def make_images(pool: Pool, kind: str) -> None:
     pool.directory(".hidden")
     ro = pool.bare_raw("ro")
     os.chmod(ro, 0o444)
+    if kind == "plain":  # a block device image: a symlink to a loop device in the pool
+        backing = pool.root / "blk.img"
+        subprocess.run(["truncate", "-s", "16M", str(backing)], check=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(pool.tree_source("blk")),
+                        str(backing)], check=True)
+        (pool.pool / "blk").symlink_to(pool.loop_device(backing))
 
 
 @dataclass
