@@ -11,6 +11,7 @@ import re
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -59,6 +60,7 @@ class Pair:
     conns: dict[str, SdBus]
     env: dict[str, dict[str, str]]
     root: str  # ours' --image-root
+    pools: dict[str, Path]  # each daemon's /var/lib/machines, as the host sees it
 
 
 @pytest.fixture(scope="module", params=["plain", "btrfs"])
@@ -75,7 +77,8 @@ def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
             assert two.real_bus is not None
             buses = {"real": two.real_bus, "ours": two.ours_bus}
             yield Pair({who: connect(b) for who, b in buses.items()},
-                       {who: b.env() for who, b in buses.items()}, str(pools["ours"].root))
+                       {who: b.env() for who, b in buses.items()}, str(pools["ours"].root),
+                       {who: p.pool for who, p in pools.items()})
     finally:
         for p in pools.values():
             p.cleanup()
@@ -162,4 +165,25 @@ def test_changes(pair: Pair) -> None:
     listing = {who: sorted(i[:3] for i in outcome(conn, M, MGR, "ListImages")[1][0])
                for who, conn in pair.conns.items()}
     assert listing["real"] == listing["ours"], listing
+    assert not differ, "\n".join(differ)
+
+
+def test_side_files(pair: Pair) -> None:
+    """An image's .nspawn settings and .roothash next to it go with it: renamed, copied by a
+    clone, removed with it, as 252 does."""
+    for pool in pair.pools.values():
+        for side in ("tree.nspawn", "gpt.nspawn", "gpt.roothash"):
+            (pool / side).write_text(f"{side}\n")
+    differ = []
+    for member, sig, args in [("RenameImage", "ss", ("tree", "treeR")),
+                              ("CloneImage", "ssb", ("gpt", "gptC", False)),
+                              ("RenameImage", "ss", ("gptC", "gptD")),
+                              ("RemoveImage", "s", ("gpt",))]:
+        answers = both(pair, M, MGR, member, sig, *args)
+        if answers["real"] != answers["ours"]:
+            differ.append(f"{member} {args}\n  252:  {answers['real']}\n  ours: {answers['ours']}")
+    left = {who: sorted((f.name, f.read_text() if f.is_file() and f.suffix != ".raw" else "")
+                        for f in pool.iterdir())
+            for who, pool in pair.pools.items()}
+    assert left["real"] == left["ours"], left
     assert not differ, "\n".join(differ)
