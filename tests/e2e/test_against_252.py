@@ -27,7 +27,14 @@ from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.client import RawClient, connect, outcome
 from tests.helpers.daemon import cgroup2_mount, wait_for
 from tests.helpers.leaders import CgroupLeaders
-from tests.helpers.real252 import REAL_MACHINED, STATE_DIR, host_dirs, side_by_side
+from tests.helpers.real252 import (
+    REAL_MACHINED,
+    STATE_DIR,
+    difference,
+    host_dirs,
+    map_strings,
+    side_by_side,
+)
 
 from .support import Monitor
 
@@ -47,16 +54,6 @@ NO_A, NO_B = "/nonexistent-difftest/a", "/nonexistent-difftest/b"
 MACHINES = [("difft", "container"), ("difft-vm", "vm")]
 
 
-@dataclass
-class Leaders:
-    """PIDs by role: registered machines' leaders, free ones in scopes of their own, one in a
-    cgroup that is no unit."""
-    pids: dict[str, int]
-
-    def __getitem__(self, role: str) -> int:
-        return self.pids[role]
-
-
 def make_pool(root: Path) -> Path:
     """The same pool for both daemons: a directory image with os-release and hostname, an
     empty one and a hidden one."""
@@ -73,8 +70,9 @@ def make_pool(root: Path) -> Path:
     return pool
 
 
-def cases(leaders: Leaders) -> list[tuple[str, str, str, str, tuple[Any, ...]]]:
-    """(path, interface, member, signature, arguments), in the order they are made."""
+def cases(leaders: dict[str, int]) -> list[tuple[str, str, str, str, tuple[Any, ...]]]:
+    """(path, interface, member, signature, arguments), in the order they are made; `leaders`
+    are the PIDs of the fixture's processes by role."""
     L = leaders
     mpath = f"{M}/machine/difft"
     long_name = "x" * 65
@@ -252,7 +250,7 @@ def normal(result: tuple[str, Any], member: str, root: str = "") -> tuple[str, A
     if kind != "ok":
         return result
     if root:
-        value = _unrooted(value, root)
+        value = map_strings(value, lambda v: v.removeprefix(root))
     if member == "ListMachines":
         return kind, sorted(value[0])
     if member == "ListImages":  # without the times: each daemon has its own copy of the pool
@@ -263,16 +261,6 @@ def normal(result: tuple[str, Any], member: str, root: str = "") -> tuple[str, A
     return kind, value
 
 
-def _unrooted(value: Any, root: str) -> Any:
-    if isinstance(value, str):
-        return value.removeprefix(root)
-    if isinstance(value, tuple | list):
-        return type(value)(_unrooted(v, root) for v in value)
-    if isinstance(value, dict):
-        return {k: _unrooted(v, root) for k, v in value.items()}
-    return value
-
-
 @dataclass
 class Pair:
     real: SdBus
@@ -280,7 +268,7 @@ class Pair:
     buses: dict[str, BusDaemon]
     ours_root: str  # ours' --image-root
     real_state: Path  # 252's /run/systemd/machines, in its mount namespace
-    leaders: Leaders
+    leaders: dict[str, int]  # PIDs by role (see pair())
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +300,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
                                       "test", cls, pids[name], "/")
                         assert got[0] == "ok", got
                 yield Pair(conns["real"], conns["ours"], buses, ours_root,
-                           Path(f"/proc/{two.real.proc.pid}/root{STATE_DIR}"), Leaders(pids))
+                           Path(f"/proc/{two.real.proc.pid}/root{STATE_DIR}"), pids)
         finally:
             leaders.close()
 
@@ -377,7 +365,7 @@ def test_every_method_refuses_a_wrong_signature_as_252(pair: Pair) -> None:
             real, ours = (outcome(conn, path, iface, member, "x", 42)
                           for conn in (pair.real, pair.ours))
             if real != ours or (real[0] != "error" and iface != "org.freedesktop.DBus.Peer"):
-                differ.append(f"{path} {iface}.{member}\n  252:  {real}\n  ours: {ours}")
+                differ.append(difference(f"{path} {iface}.{member}", real, ours))
     assert not differ, "\n".join(differ)
 
 
@@ -396,7 +384,7 @@ def test_empty_arguments_as_252(pair: Pair) -> None:
                       for conn in (pair.real, pair.ours))
         real, ours = normal(real, member), normal(ours, member, pair.ours_root)
         if real != ours:
-            differ.append(f"{member}({sig}) {args}\n  252:  {real}\n  ours: {ours}")
+            differ.append(difference(f"{member}({sig}) {args}", real, ours))
     assert not differ, "\n".join(differ)
 
 
@@ -408,8 +396,7 @@ def test_same_answers_as_252(pair: Pair) -> None:
         ours = normal(outcome(pair.ours, path, iface, member, sig, *args), member,
                       pair.ours_root)
         if real != ours:
-            differ.append(f"{path} {iface}.{member}({sig}) {args!r}\n  252:  {real}\n"
-                          f"  ours: {ours}")
+            differ.append(difference(f"{path} {iface}.{member}({sig}) {args!r}", real, ours))
     assert not differ, (f"{len(differ)} of {len(catalogue)} answers differ from 252's:\n"
                         + "\n".join(differ))
 
@@ -539,8 +526,8 @@ def test_same_answers_for_an_unprivileged_caller(pair: Pair) -> None:
                                  member, pair.ours_root if who == "ours" else "")
                           for who in ("real", "ours"))
             if real != ours:
-                differ.append(f"{path} {iface}.{member}({sig}) {args!r}\n  252:  {real}\n"
-                              f"  ours: {ours}")
+                differ.append(difference(f"{path} {iface}.{member}({sig}) {args!r}", real,
+                                         ours))
     finally:
         for c in clients.values():
             c.close()

@@ -19,7 +19,13 @@ from sdbus.sd_bus_internals import SdBus
 
 from tests.helpers.client import connect, outcome
 from tests.helpers.images import Pool
-from tests.helpers.real252 import REAL_MACHINED, host_dirs, side_by_side
+from tests.helpers.real252 import (
+    REAL_MACHINED,
+    difference,
+    host_dirs,
+    map_strings,
+    side_by_side,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices, mounts)")
 
@@ -85,13 +91,9 @@ def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
 
 
 def plain(pair: Pair, who: str, value: Any) -> Any:
-    if isinstance(value, str):
-        return value.removeprefix(pair.root) if who == "ours" else value
-    if isinstance(value, tuple | list):
-        return [plain(pair, who, v) for v in value]
-    if isinstance(value, dict):
-        return {k: plain(pair, who, v) for k, v in value.items() if k not in TIMES}
-    return value
+    """`value` without ours' pool root and each pool's own times."""
+    root = pair.root if who == "ours" else ""
+    return map_strings(value, lambda v: v.removeprefix(root), drop_keys=TIMES)
 
 
 def both(pair: Pair, path: str, iface: str, member: str, sig: str = "",
@@ -105,12 +107,11 @@ def test_questions(pair: Pair) -> None:
 
     def check(answers: dict[str, Any], what: str) -> None:
         if answers["real"] != answers["ours"]:
-            differ.append(f"{what}\n  252:  {answers['real']}\n  ours: {answers['ours']}")
+            differ.append(difference(what, answers["real"], answers["ours"]))
 
-    listing = both(pair, M, MGR, "ListImages")
-    for who in listing:  # name, type, read-only, (times), usage, path
-        listing[who][1] = sorted((i[0], i[1], i[2], i[5], i[6]) for i in listing[who][1][0])
-    check(listing, "ListImages")
+    # name, type, read-only, (times), usage, path
+    check({who: (kind, sorted((i[0], i[1], i[2], i[5], i[6]) for i in value[0]))
+           for who, (kind, value) in both(pair, M, MGR, "ListImages").items()}, "ListImages")
     for name in NAMES:
         check(both(pair, M, MGR, "GetImage", "s", name), f"GetImage {name}")
         for member in ("GetImageHostname", "GetImageMachineID", "GetImageMachineInfo",
@@ -157,11 +158,11 @@ def test_changes(pair: Pair) -> None:
             ("SetPoolLimit", "t", (1 << 31,)), ("RemoveImage", "s", ("sub2",))]:
         answers = both(pair, M, MGR, member, sig, *args)
         if answers["real"] != answers["ours"]:
-            differ.append(f"{member} {args}\n  252:  {answers['real']}\n  ours: {answers['ours']}")
+            differ.append(difference(f"{member} {args}", answers["real"], answers["ours"]))
     for path, iface in ((f"{M}/image/sub", IMG), (M, MGR)):  # the limits set above
         answers = both(pair, path, PROPS, "GetAll", "s", iface)
         if answers["real"] != answers["ours"]:
-            differ.append(f"GetAll {path}\n  252:  {answers['real']}\n  ours: {answers['ours']}")
+            differ.append(difference(f"GetAll {path}", answers["real"], answers["ours"]))
     listing = {who: sorted(i[:3] for i in outcome(conn, M, MGR, "ListImages")[1][0])
                for who, conn in pair.conns.items()}
     assert listing["real"] == listing["ours"], listing
@@ -181,7 +182,7 @@ def test_side_files(pair: Pair) -> None:
                               ("RemoveImage", "s", ("gpt",))]:
         answers = both(pair, M, MGR, member, sig, *args)
         if answers["real"] != answers["ours"]:
-            differ.append(f"{member} {args}\n  252:  {answers['real']}\n  ours: {answers['ours']}")
+            differ.append(difference(f"{member} {args}", answers["real"], answers["ours"]))
     left = {who: sorted((f.name, f.read_text() if f.is_file() and f.suffix != ".raw" else "")
                         for f in pool.iterdir())
             for who, pool in pair.pools.items()}

@@ -22,7 +22,13 @@ from tests.helpers.client import connect, outcome
 from tests.helpers.daemon import cgroup2_mount, wait_for
 from tests.helpers.leaders import CgroupLeaders
 from tests.helpers.process import stop_process
-from tests.helpers.real252 import REAL_MACHINED, host_dirs, side_by_side
+from tests.helpers.real252 import (
+    REAL_MACHINED,
+    difference,
+    host_dirs,
+    map_strings,
+    side_by_side,
+)
 
 from .support import FakeSystemd1
 
@@ -86,14 +92,8 @@ def sides() -> Iterator[dict[str, Side]]:
 
 
 def plain(value: Any, who: str) -> Any:
-    """`value` with the daemon's own part of the names, and PIDs, taken out."""
-    if isinstance(value, str):
-        return value.replace(f"dsys{who}", "dsysWHO")
-    if isinstance(value, tuple | list):
-        return [plain(v, who) for v in value]
-    if isinstance(value, dict):
-        return {k: plain(v, who) for k, v in value.items()}
-    return value
+    """`value` with the daemon's own part of the names taken out."""
+    return map_strings(value, lambda v: v.replace(f"dsys{who}", "dsysWHO"))
 
 
 def calls_of(side: Side, who: str, since: int) -> list[Any]:
@@ -149,7 +149,7 @@ def test_a_machine_from_creation_to_termination(sides: dict[str, Side]) -> None:
     for member, sig, args in steps:
         answers = both(sides, member, sig, *args)
         if answers["real"] != answers["ours"]:
-            differ.append(f"{member} {args}\n  252:  {answers['real']}\n  ours: {answers['ours']}")
+            differ.append(difference(f"{member} {args}", answers["real"], answers["ours"]))
         if member == "TerminateMachine" and args[0] != "dsys{who}3":  # one at a time
             for who, side in sides.items():
                 name = args[0].replace("{who}", who)

@@ -64,6 +64,24 @@ def host_dirs(*extra: Path) -> Iterator[None]:
                 d.rmdir()
 
 
+def map_strings(value: Any, f: Callable[[str], str], drop_keys: tuple[str, ...] = ()) -> Any:
+    """`value` with `f` applied to every string in it (tuples, lists and dicts walked, their
+    types kept) and the `drop_keys` of its dicts left out: what is each daemon's own (names,
+    paths, times) taken out of an answer before it is compared with the other's."""
+    if isinstance(value, str):
+        return f(value)
+    if isinstance(value, tuple | list):
+        return type(value)(map_strings(v, f, drop_keys) for v in value)
+    if isinstance(value, dict):
+        return {k: map_strings(v, f, drop_keys) for k, v in value.items() if k not in drop_keys}
+    return value
+
+
+def difference(what: str, real: Any, ours: Any) -> str:
+    """One line of a test's report of answers that differ."""
+    return f"{what}\n  252:  {real}\n  ours: {ours}"
+
+
 class Stoppable(Protocol):
     def stop(self) -> Any: ...
 

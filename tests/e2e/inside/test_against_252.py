@@ -24,7 +24,13 @@ from sdbus.sd_bus_internals import SdBus
 from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.client import connect, outcome
 from tests.helpers.daemon import Machined, have, wait_for
-from tests.helpers.real252 import REAL_MACHINED, RealMachined, host_dirs
+from tests.helpers.real252 import (
+    REAL_MACHINED,
+    RealMachined,
+    difference,
+    host_dirs,
+    map_strings,
+)
 
 from ..support import Nspawn, Processes
 from .support import Containers, busybox_copy
@@ -118,17 +124,11 @@ def both(pair: Pair, member: str, sig: str, *args: Any, path: str = M,
 
 def same(answers: dict[str, tuple[str, Any]]) -> tuple[str, Any]:
     """Both answers, with each daemon's own suffix taken out, must be equal; returns it."""
-    def plain(v: Any, who: str) -> Any:
-        if isinstance(v, str):
-            return v.replace(f"-{who}", "-WHO")
-        if isinstance(v, tuple | list):
-            return type(v)(plain(x, who) for x in v)
-        if isinstance(v, dict):
-            return {k: plain(x, who) for k, x in v.items()}
-        return v
-    real: tuple[str, Any] = plain(answers["real"], "real")
-    assert real == plain(answers["ours"], "ours"), f"252: {answers['real']}\nours: {answers['ours']}"
-    return real
+    real, ours = (map_strings(answers[who], lambda v, w=who: v.replace(f"-{w}", "-WHO"))
+                  for who in WHO)
+    assert real == ours, difference("", answers["real"], answers["ours"])
+    result: tuple[str, Any] = real
+    return result
 
 
 def tree_of(path: Path) -> list[tuple[str, int, int, int, str]]:
