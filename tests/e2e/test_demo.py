@@ -14,18 +14,12 @@ import pytest
 from tests.helpers.busdaemon import REPO
 from tests.helpers.daemon import cgroup2_mount, wait_for
 
+from .support import pid_alive
+
 DEMO = str(REPO / "scripts" / "demo.sh")
 RUN = Path("/run/machined-demo")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the demo runs as root")
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_demo_and_the_commands_it_prints(tmp_path: Path) -> None:
@@ -61,11 +55,11 @@ def test_demo_and_the_commands_it_prints(tmp_path: Path) -> None:
         run("machinectl", "terminate", "demo")
         wait_for(lambda: "demo" not in run("machinectl", "list", "--no-legend"), 10,
                  what="the demo container to go")
-        wait_for(lambda: not alive(pids[2]), 10, what="systemd-nspawn to exit")
+        wait_for(lambda: not pid_alive(pids[2]), 10, what="systemd-nspawn to exit")
     finally:
         subprocess.run([DEMO, "stop"], capture_output=True, timeout=60)
     assert not RUN.exists()
     for pid in pids:
-        assert not alive(pid), pid
+        assert not pid_alive(pid), pid
     wait_for(lambda: not (Path(cgroup2_mount()) / "machine.slice/machine-demo.scope").exists(),
              10, what="the demo's scope to be removed")

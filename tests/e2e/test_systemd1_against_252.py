@@ -8,7 +8,6 @@ hierarchy; the names are compared with that part taken out."""
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.client import connect, outcome
 from tests.helpers.daemon import cgroup2_mount, wait_for
 from tests.helpers.leaders import CgroupLeaders
-from tests.helpers.process import stop_process
 from tests.helpers.real252 import (
     REAL_MACHINED,
     difference,
@@ -30,7 +28,7 @@ from tests.helpers.real252 import (
     side_by_side,
 )
 
-from .support import FakeSystemd1
+from .support import FakeSystemd1, Processes
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, mounts)")
 
@@ -48,12 +46,10 @@ class Side:
     conn: SdBus
     fake: FakeSystemd1
     leaders: CgroupLeaders
-    sleepers: list[subprocess.Popen[bytes]]
+    procs: Processes
 
     def leader(self) -> int:
-        p = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL)
-        self.sleepers.append(p)
-        return p.pid
+        return self.procs.sleeper(600).pid
 
     def scoped_leader(self) -> int:
         """A sleeper in a scope of its own that systemd1 (the fake) knows nothing of."""
@@ -66,6 +62,7 @@ def sides() -> Iterator[dict[str, Side]]:
         pytest.fail(f"{REAL_MACHINED} is missing: the set-up installs systemd-container")
     slice_dir = Path(cgroup2_mount()) / "machine.slice"
     leaders = CgroupLeaders()
+    procs = Processes()
     fakes: dict[BusDaemon, FakeSystemd1] = {}
     out: dict[str, Side] = {}
 
@@ -82,12 +79,10 @@ def sides() -> Iterator[dict[str, Side]]:
                               on_bus=start_fake) as two:
                 assert two.real_bus is not None
                 for who, bus in (("real", two.real_bus), ("ours", two.ours_bus)):
-                    out[who] = Side(who, connect(bus), fakes[bus], leaders, [])
+                    out[who] = Side(who, connect(bus), fakes[bus], leaders, procs)
                 yield out
         finally:
-            for side in out.values():
-                for p in side.sleepers:
-                    stop_process(p, 5)
+            procs.cleanup()
             leaders.close()
 
 
