@@ -18,13 +18,10 @@ from typing import Any
 
 from machined.core.names import bus_label_escape
 from tests.helpers.busdaemon import REPO, BusDaemon
+from tests.helpers.client import DEST, MACHINE, MANAGER, MANAGER_PATH
 from tests.helpers.daemon import STATE_DIR, busctl, cgroup2_mount, wait_for
 from tests.helpers.process import stop_process
 
-DEST = "org.freedesktop.machine1"
-MANAGER_PATH = "/org/freedesktop/machine1"
-MANAGER = "org.freedesktop.machine1.Manager"
-MACHINE = "org.freedesktop.machine1.Machine"
 SYSTEMD1 = "org.freedesktop.systemd1"
 MOCK_IFACE = "org.freedesktop.DBus.Mock"
 FAKE_SYSTEMD1_TEMPLATE = Path(__file__).with_name("fake_systemd1.py")

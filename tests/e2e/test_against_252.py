@@ -24,6 +24,11 @@ import pytest
 from sdbus.sd_bus_internals import SdBus
 
 from tests.helpers.busdaemon import BusDaemon
+from tests.helpers.client import IMAGE as IMG
+from tests.helpers.client import MACHINE as MACH
+from tests.helpers.client import MANAGER as MGR
+from tests.helpers.client import MANAGER_PATH as M
+from tests.helpers.client import PROPERTIES as PROPS
 from tests.helpers.client import RawClient, connect, outcome
 from tests.helpers.daemon import cgroup2_mount, wait_for
 from tests.helpers.leaders import CgroupLeaders
@@ -40,11 +45,6 @@ from .support import Monitor
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, mounts)")
 
-M = "/org/freedesktop/machine1"
-MGR = "org.freedesktop.machine1.Manager"
-MACH = "org.freedesktop.machine1.Machine"
-IMG = "org.freedesktop.machine1.Image"
-PROPS = "org.freedesktop.DBus.Properties"
 ID16 = bytes(range(1, 17))
 NO_PID = 4_000_000  # above any pid_max: no such process
 # paths that exist nowhere: calls that get past their checks find nothing to copy or mount

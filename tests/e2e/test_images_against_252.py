@@ -17,6 +17,10 @@ from typing import Any
 import pytest
 from sdbus.sd_bus_internals import SdBus
 
+from tests.helpers.client import IMAGE as IMG
+from tests.helpers.client import MANAGER as MGR
+from tests.helpers.client import MANAGER_PATH as M
+from tests.helpers.client import PROPERTIES as PROPS
 from tests.helpers.client import connect, outcome
 from tests.helpers.images import Pool
 from tests.helpers.real252 import (
@@ -29,10 +33,6 @@ from tests.helpers.real252 import (
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices, mounts)")
 
-M = "/org/freedesktop/machine1"
-MGR = "org.freedesktop.machine1.Manager"
-IMG = "org.freedesktop.machine1.Image"
-PROPS = "org.freedesktop.DBus.Properties"
 NAMES = ["tree", "bare", "gpt", "junk", ".hidden", "ro", "sub", "blk"]  # sub: btrfs; blk: plain
 TIMES = ("CreationTimestamp", "ModificationTimestamp")
 

@@ -17,6 +17,8 @@ import pytest
 from sdbus.sd_bus_internals import SdBus
 
 from tests.helpers.busdaemon import BusDaemon
+from tests.helpers.client import MANAGER as MGR
+from tests.helpers.client import MANAGER_PATH as M
 from tests.helpers.client import connect, outcome
 from tests.helpers.daemon import cgroup2_mount, wait_for
 from tests.helpers.leaders import CgroupLeaders
@@ -32,8 +34,6 @@ from .support import FakeSystemd1, Processes
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, mounts)")
 
-M = "/org/freedesktop/machine1"
-MGR = "org.freedesktop.machine1.Manager"
 WHO = ("real", "ours")
 SCOPE_PROPS = [("Description", ("s", "a scope of the caller's")), ("KillSignal", ("i", 10)),
                ("TimeoutStopUSec", ("t", 5_000_000)),

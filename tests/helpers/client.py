@@ -15,9 +15,13 @@ from machined.bus.client import remote_error
 
 from .busdaemon import REPO, BusDaemon
 
+# The names on the bus, for every test.
 DEST = "org.freedesktop.machine1"
 MANAGER_PATH = "/org/freedesktop/machine1"
 MANAGER = "org.freedesktop.machine1.Manager"
+MACHINE = "org.freedesktop.machine1.Machine"
+IMAGE = "org.freedesktop.machine1.Image"
+PROPERTIES = "org.freedesktop.DBus.Properties"
 
 
 def connect(bus: BusDaemon, timeout_usec: int = 20_000_000) -> SdBus:

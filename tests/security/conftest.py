@@ -19,11 +19,6 @@ from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.client import RawClient
 from tests.helpers.daemon import Machined, busctl, clean_state, wait_for
 
-DEST = "org.freedesktop.machine1"
-MANAGER_PATH = "/org/freedesktop/machine1"
-MANAGER = "org.freedesktop.machine1.Manager"
-MACHINE = "org.freedesktop.machine1.Machine"
-IMAGE = "org.freedesktop.machine1.Image"
 PREFIX = "sec"  # every machine these tests register starts with it
 
 

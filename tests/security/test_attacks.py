@@ -21,11 +21,10 @@ from tests.e2e.support import (
     unique_name,
 )
 from tests.helpers.busdaemon import BusDaemon
+from tests.helpers.client import MANAGER_PATH, RawClient
 from tests.helpers.daemon import STATE_DIR, Machined, wait_for
 
 from .conftest import (
-    MANAGER_PATH,
-    RawClient,
     make_image,
     start_daemon,
     stop_daemon,

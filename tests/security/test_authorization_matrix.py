@@ -19,16 +19,12 @@ from typing import Any
 import pytest
 
 from tests.helpers.busdaemon import BusDaemon
+from tests.helpers.client import IMAGE, MACHINE, MANAGER, MANAGER_PATH, RawClient
 from tests.helpers.daemon import Machined
 
 from .conftest import (
-    IMAGE,
-    MACHINE,
-    MANAGER,
-    MANAGER_PATH,
     PREFIX,
     Polkit,
-    RawClient,
     Sleepers,
     make_image,
 )

@@ -14,13 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.busdaemon import BusDaemon
+from tests.helpers.client import DEST, MANAGER, MANAGER_PATH, RawClient
 from tests.helpers.daemon import STATE_DIR, Machined, cgroup2_mount, wait_for
 
 from .conftest import (
-    DEST,
-    MANAGER,
-    MANAGER_PATH,
-    RawClient,
     Sleepers,
     make_image,
     start_daemon,

@@ -27,12 +27,10 @@ from sdbus.sd_bus_internals import SdBus, SdBusBaseError
 
 from machined.bus.client import remote_error
 from tests.helpers.busdaemon import BusDaemon
-from tests.helpers.client import connect
+from tests.helpers.client import DEST, MANAGER_PATH, connect
 from tests.helpers.daemon import Machined
 
 from .conftest import (
-    DEST,
-    MANAGER_PATH,
     Sleepers,
     image_root,
     make_image,

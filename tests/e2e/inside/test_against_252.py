@@ -22,6 +22,10 @@ import pytest
 from sdbus.sd_bus_internals import SdBus
 
 from tests.helpers.busdaemon import BusDaemon
+from tests.helpers.client import MACHINE as MACH
+from tests.helpers.client import MANAGER as MGR
+from tests.helpers.client import MANAGER_PATH as M
+from tests.helpers.client import PROPERTIES as PROPS
 from tests.helpers.client import connect, outcome
 from tests.helpers.daemon import Machined, have, wait_for
 from tests.helpers.real252 import (
@@ -37,10 +41,6 @@ from .support import Containers, busybox_copy
 
 pytestmark = pytest.mark.skipif(not have("systemd-nspawn"), reason="needs systemd-nspawn")
 
-M = "/org/freedesktop/machine1"
-MGR = "org.freedesktop.machine1.Manager"
-MACH = "org.freedesktop.machine1.Machine"
-PROPS = "org.freedesktop.DBus.Properties"
 WHO = ("real", "ours")
 
 
