@@ -6,7 +6,7 @@ from .objects import CONST, Interface
 
 DOCTYPE = (
     '<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN"\n'
-    '"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd">\n'
+    '"https://www.freedesktop.org/standards/dbus/1.0/introspect.dtd">\n'
 )
 
 STANDARD = """ <interface name="org.freedesktop.DBus.Peer">

@@ -354,6 +354,29 @@ def _methods(conn: SdBus, path: str) -> list[tuple[str, str, str]]:
             for iface in ET.fromstring(xml).iter("interface") for m in iface.iter("method")]
 
 
+def _introspection(conn: SdBus, path: str) -> str:
+    """The Introspect text at path, each interface's members in name order (sd-bus keeps the
+    vtable's order, and sdbus puts methods before properties: docs/compatibility.md)."""
+    kind, (xml,) = outcome(conn, path, "org.freedesktop.DBus.Introspectable", "Introspect")
+    assert kind == "ok", xml
+    out, members = [], []
+    for block in re.split(r"(?m)^(?=  <(?:method|property|signal) | </interface>| <interface )",
+                          xml):
+        if block.startswith(("  <method ", "  <property ", "  <signal ")):
+            members.append(block)
+            continue
+        out += sorted(members) + [block]
+        members = []
+    return "".join(out + sorted(members))
+
+
+def test_introspection_as_252s(pair: Pair) -> None:
+    """Every line of the introspection data, the standard interfaces and DOCTYPE included."""
+    for path in (M, f"{M}/machine/difft", f"{M}/machine/_2ehost", f"{M}/image/diffimg"):
+        real, ours = (_introspection(conn, path) for conn in (pair.real, pair.ours))
+        assert ours == real, path
+
+
 def test_every_method_refuses_a_wrong_signature_as_252(pair: Pair) -> None:
     """Every method of every object kind, called with a signature none of them takes (sd-bus
     answers org.freedesktop.DBus.Peer whatever the arguments, in both)."""
