@@ -94,7 +94,9 @@ build_wheelhouse() {   # DIR
     mkdir -p "$1"
     local py=$SRC/.venv/bin/python
     [ -x "$py" ] || py=python3
-    "$py" -m pip wheel --quiet --wheel-dir "$1" "$SRC"
+    # sdbus from source against this host's libsystemd, as scripts/setup.sh builds it (needs
+    # libsystemd-dev and a compiler; the target needs the same Python and libsystemd0)
+    "$py" -m pip wheel --quiet --no-binary sdbus --wheel-dir "$1" "$SRC"
 }
 
 do_install() {

@@ -10,6 +10,8 @@ WITH_TESTS=0
 
 PACKAGES=(dbus dbus-bin systemd-container busybox-static python3 python3-venv util-linux procps
           iproute2 btrfs-progs mount)
+# sdbus is built from its source against Debian's libsystemd (see below)
+PACKAGES+=(gcc pkg-config libsystemd-dev python3-dev)
 # Test tools: dbus-python and PyGObject for python-dbusmock come from Debian (a venv with
 # --system-site-packages sees them), tmux/script to drive terminals, btrfs/e2fs for images.
 TEST_PACKAGES=(python3-dbus python3-gi tmux btrfs-progs e2fsprogs libsystemd0 debootstrap fdisk acl
@@ -31,10 +33,15 @@ if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-if [ $WITH_TESTS = 1 ]; then
-    .venv/bin/python -m pip install -q -e '.[test]'
-else
-    .venv/bin/python -m pip install -q -e .
+# sdbus from its source, linked to Debian's libsystemd0: the very sd-bus 252's machined uses, and
+# the full C API instead of the limited one PyPI's abi3 wheel is built for, which costs every call
+# (docs/benchmarks.md). A venv made before holds the wheel: that one is built again.
+SPEC=.
+[ $WITH_TESTS = 1 ] && SPEC='.[test]'
+.venv/bin/python -m pip install -q --no-binary sdbus -e "$SPEC"
+if ! .venv/bin/python -c 'import sdbus.sd_bus_internals as m; print(m.__file__)' | grep -q cpython-; then
+    .venv/bin/python -m pip install -q --force-reinstall --no-deps --no-binary sdbus \
+        "$(grep -o '"sdbus==[^"]*"' pyproject.toml | tr -d '"')"
 fi
 
 mkdir -p /run/systemd/system /run/systemd/machines

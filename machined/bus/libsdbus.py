@@ -1,4 +1,4 @@
-"""The one place that calls into the sd-bus which sdbus links statically, through ctypes, for
+"""The one place that calls into the sd-bus sdbus is linked with, through ctypes, for
 what sdbus 0.14 does not wrap: fallback vtables and node enumerators (bus/fallback.py), local
 match callbacks (bus/privileged.py) and message header flags (bus/msgflags.py).
 
