@@ -32,19 +32,19 @@ def bus_introspect(target: str) -> int:
     from .core.images import SearchPath
 
     handlers = MachineHandlers(None, None)  # type: ignore[arg-type]
+    manager = Manager(None, handlers, ImageHandlers(SearchPath(), None, None))  # type: ignore[arg-type]
+    # (interface, child nodes) as 252 prints them
     interfaces = {
-        "/org/freedesktop/machine1": Manager(
-            None, handlers, ImageHandlers(SearchPath(), None, None)).interface(),  # type: ignore[arg-type]
-        "/org/freedesktop/machine1/machine": machine_interface(handlers),
-        "/org/freedesktop/machine1/image": image_interface_template(),
-        "/org/freedesktop/LogControl1": LogControl().interface(),
+        "/org/freedesktop/machine1": (manager.interface(), ["machine", "image"]),
+        "/org/freedesktop/machine1/machine": (machine_interface(handlers), []),
+        "/org/freedesktop/machine1/image": (image_interface_template(), []),
+        "/org/freedesktop/LogControl1": (LogControl().interface(), []),
     }
     found = interfaces.get(target)
     if found is None:
-        print(f"Introspection for \"{target}\" not found, see --bus-introspect=list.",
-              file=sys.stderr)
+        print(f"Object path {target} not found", file=sys.stderr)  # 252's words
         return 1
-    sys.stdout.write(node_xml(found))
+    sys.stdout.write(node_xml(*found))
     return 0
 
 

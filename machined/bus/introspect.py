@@ -79,15 +79,8 @@ def _args(sig: str, names: tuple[str, ...], direction: str | None) -> str:
 
 
 def interface_xml(iface: Interface) -> str:
-    """Methods, then properties, then signals: the order sdbus registers them in."""
+    """Properties, then methods, then signals: 252's order (bus/libsdbus.order_members_as_252)."""
     out = [f' <interface name="{iface.name}">\n']
-    for m in iface.methods:
-        out.append(f'  <method name="{m.name}">\n')
-        out.append(_args(m.in_sig, m.in_names, "in"))
-        out.append(_args(m.out_sig, m.out_names, "out"))
-        if m.privileged:
-            out.append(PRIVILEGED)
-        out.append("  </method>\n")
     for p in iface.properties:
         if p.hidden:
             continue
@@ -99,6 +92,13 @@ def interface_xml(iface: Interface) -> str:
         if p.setter:
             out.append(PRIVILEGED)
         out.append("  </property>\n")
+    for m in iface.methods:
+        out.append(f'  <method name="{m.name}">\n')
+        out.append(_args(m.in_sig, m.in_names, "in"))
+        out.append(_args(m.out_sig, m.out_names, "out"))
+        if m.privileged:
+            out.append(PRIVILEGED)
+        out.append("  </method>\n")
     for s in iface.signals:
         out.append(f'  <signal name="{s.name}">\n')
         out.append(_args(s.sig, s.names, None))
@@ -107,6 +107,6 @@ def interface_xml(iface: Interface) -> str:
     return "".join(out)
 
 
-def node_xml(iface: Interface, children: list[str] = ()) -> str:  # type: ignore[assignment]
+def node_xml(iface: Interface, children: list[str]) -> str:
     body = "".join(f' <node name="{c}"/>\n' for c in children)
     return DOCTYPE + "<node>\n" + STANDARD + interface_xml(iface) + body + "</node>\n"

@@ -1,6 +1,7 @@
 """The one place that calls into the sd-bus sdbus is linked with, through ctypes, for
 what sdbus 0.14 does not wrap: fallback vtables and node enumerators (bus/fallback.py), local
-match callbacks (bus/privileged.py) and message header flags (bus/msgflags.py).
+match callbacks (bus/privileged.py), message header flags (bus/msgflags.py) and the order of a
+vtable's members (for introspection in 252's order).
 
 sdbus's Python objects hold their C pointers right after the PyObject header; the struct
 layouts read here are sdbus 0.14's (pinned) and every accessor checks what it reads against
@@ -94,6 +95,34 @@ def vtable_pointer(iface: SdBusInterface) -> int:
     if not ptr:
         raise Unavailable("sdbus built no vtable")
     return ptr
+
+
+# sd_bus_vtable (sd-bus-vtable.h): a type byte and 56 bits of flags, then a union whose largest
+# member, the method's, is six pointers; the START entry records that size.
+_VTABLE_ENTRY = 8 + 6 * _P
+_START, _END, _METHOD, _SIGNAL, _PROPERTY, _WRITABLE = b"<", b">", b"M", b"S", b"P", b"W"
+# 252's vtables declare properties, then methods, then signals; sdbus writes methods first.
+# sd-bus introspects members in vtable order and finds them by name, so only the order changes.
+_ORDER_252 = {_PROPERTY: 0, _WRITABLE: 0, _METHOD: 1, _SIGNAL: 2}
+
+
+def order_members_as_252(iface: SdBusInterface) -> None:
+    """Reorder the vtable sdbus builds for iface (before it is added to a bus) as 252 orders
+    its own: properties, methods, signals, each kind in the order it was added."""
+    base = vtable_pointer(iface)
+    if ctypes.string_at(base, 1) != _START or \
+            ctypes.c_size_t.from_address(base + 8).value != _VTABLE_ENTRY:
+        raise Unavailable("sd_bus_vtable is not laid out as expected")
+    entries = []
+    at = base + _VTABLE_ENTRY
+    while (kind := ctypes.string_at(at, 1)) != _END:
+        if kind not in _ORDER_252:
+            raise Unavailable(f"unexpected sd_bus_vtable entry type {kind!r}")
+        entries.append((kind, ctypes.string_at(at, _VTABLE_ENTRY)))
+        at += _VTABLE_ENTRY
+    entries.sort(key=lambda entry: _ORDER_252[entry[0]])  # stable: each kind keeps its order
+    ctypes.memmove(base + _VTABLE_ENTRY, b"".join(raw for _kind, raw in entries),
+                   len(entries) * _VTABLE_ENTRY)
 
 
 def message_pointer(msg: SdBusMessage) -> int | None:

@@ -25,7 +25,7 @@ from sdbus.sd_bus_internals import SdBus, SdBusInterface, SdBusMessage
 
 from ..core.eager import Resumed, keep_task, run_until_wait
 from ..core.errors import UnknownObject
-from . import client
+from . import client, libsdbus
 from .errors import to_dbus
 from .fallback import FallbackVtable
 from .libsdbus import Unavailable
@@ -233,6 +233,10 @@ class Dispatcher:
                               list(method.out_names), flags, callback(method))
         for sig in iface.signals:
             vtable.add_signal(sig.name, sig.sig, list(sig.names), 0)
+        try:
+            libsdbus.order_members_as_252(vtable)
+        except Unavailable as e:  # introspection then lists methods first, nothing else changes
+            log.warning("Introspection keeps sdbus's member order: %s", e)
         return vtable
 
     def emit(self, path: str, interface: str, member: str, signature: str, *args: Any) -> None:
