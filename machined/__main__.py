@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import resource
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from . import COMPAT_SYSTEMD_VERSION, __version__
 from .logs import setup_logging
@@ -55,30 +57,65 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+HELP = """\
+systemd-machined [OPTIONS...]
+
+Manage registrations of local VMs and containers.
+
+This program takes no positional arguments.
+
+Options:
+  -h --help                 Show this help
+     --version              Show package version
+     --bus-introspect=PATH  Write D-Bus XML introspection data
+     --log-level=LEVEL      Log level: emerg, alert, crit, err, warning, notice,
+                            info (default; or $SYSTEMD_LOG_LEVEL), debug
+     --scope-backend=auto|systemd1|cgroupfs
+                            Who makes machine scopes: org.freedesktop.systemd1,
+                            or this daemon (auto: systemd1 when it is on the bus)
+     --stop-timeout=SECONDS In cgroupfs scopes, SIGKILL after this long when
+                            stopping (default 90)
+
+See the systemd-machined.service(8) man page for details.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """252's help text and its words for bad usage (getopt_long's), with exit status 1."""
+
+    def format_help(self) -> str:
+        return HELP
+
+    def error(self, message: str) -> NoReturn:
+        missing = re.fullmatch(r"argument (--[\w-]+): expected one argument", message)
+        if missing:
+            message = f"option '{missing.group(1)}' requires an argument"
+        self.exit(1, f"{self.prog}: {message}\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from .bus.logcontrol import LEVELS
 
-    p = argparse.ArgumentParser(
-        prog="systemd-machined",
-        description="Manage registrations of local VMs and containers.",
-    )
-    p.add_argument("--version", action="store_true", help="Show package version")
-    p.add_argument("--bus-introspect", metavar="PATH",
-                   help="Write D-Bus XML introspection data (PATH or 'list')")
+    p = _Parser(prog="systemd-machined")  # abbreviations too, as getopt_long
+    p.add_argument("--version", action="store_true")
+    p.add_argument("--bus-introspect", metavar="PATH")
     p.add_argument("--log-level", default=os.environ.get("SYSTEMD_LOG_LEVEL", "info"),
-                   choices=sorted(LEVELS), help="Log level (default: info)")
-    p.add_argument("--scope-backend", choices=("auto", "systemd1", "cgroupfs"), default="auto",
-                   help="Who makes machine scopes: org.freedesktop.systemd1 or this daemon "
-                        "(default: systemd1 when it is on the bus)")
-    p.add_argument("--stop-timeout", type=float, default=90.0, metavar="SECONDS",
-                   help="cgroupfs scopes: SIGKILL after this long when stopping (default 90)")
+                   choices=sorted(LEVELS))
+    p.add_argument("--scope-backend", choices=("auto", "systemd1", "cgroupfs"), default="auto")
+    p.add_argument("--stop-timeout", type=float, default=90.0, metavar="SECONDS")
     p.add_argument("--state-dir", type=Path, default=Path("/run/systemd/machines"),
                    help=argparse.SUPPRESS)  # for benchmarks; sd-login only reads the default
     p.add_argument("--userdb-dir", type=Path, default=Path("/run/systemd/userdb"),
                    help=argparse.SUPPRESS)  # tests: where the userdb socket goes
     p.add_argument("--image-root", default="", help=argparse.SUPPRESS)  # tests: prefix of the
     # image search path (ROOT/var/lib/machines, ROOT/etc/machines, ...)
-    return p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    for arg in rest:
+        if arg.startswith("-") and arg != "-":
+            p.exit(1, f"{p.prog}: unrecognized option '{arg}'\n")
+    if rest:
+        p.exit(1, "This program takes no arguments.\n")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
