@@ -11,7 +11,7 @@ WITH_TESTS=0
 PACKAGES=(dbus dbus-bin systemd-container busybox-static python3 python3-venv util-linux procps
           iproute2 btrfs-progs mount)
 # sdbus is built from its source against Debian's libsystemd (see below)
-PACKAGES+=(gcc pkg-config libsystemd-dev python3-dev)
+PACKAGES+=(gcc libc6-dev pkg-config libsystemd-dev python3-dev)
 # Test tools: dbus-python and PyGObject for python-dbusmock come from Debian (a venv with
 # --system-site-packages sees them), tmux/script to drive terminals, btrfs/e2fs for images.
 TEST_PACKAGES=(python3-dbus python3-gi tmux btrfs-progs e2fsprogs libsystemd0 debootstrap fdisk acl
