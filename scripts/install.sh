@@ -94,8 +94,13 @@ build_wheelhouse() {   # DIR
     mkdir -p "$1"
     local py=$SRC/.venv/bin/python
     [ -x "$py" ] || py=python3
-    # sdbus from source against this host's libsystemd, as scripts/setup.sh builds it (needs
-    # libsystemd-dev and a compiler; the target needs the same Python and libsystemd0)
+    # sdbus from source against this host's libsystemd, as scripts/setup.sh builds it (the
+    # target needs the same Python and libsystemd0)
+    local header
+    header=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"] + "/Python.h")')
+    { pkg-config --exists libsystemd && command -v gcc && [ -e "$header" ]; } >/dev/null 2>&1 ||
+        die "building sdbus needs gcc, pkg-config, libsystemd-dev and python3-dev" \
+            "(scripts/setup.sh installs them)"
     "$py" -m pip wheel --quiet --no-binary sdbus --wheel-dir "$1" "$SRC"
 }
 
