@@ -32,11 +32,17 @@ class Manager:
     # ------------------------------------------------------------- lookups
     # The lookups are plain handlers (see bus/objects.Method): no Call, answered at once.
     def get_machine(self, name: str) -> str:
-        return self._machine(name).path
+        m = self.registry.machines.get(name)  # not through _machine(): the hottest call there is
+        if m is None:
+            raise NoSuchMachine(name)
+        return m.path
 
     def get_machine_by_pid(self, pid: int) -> str | WithCaller:
         if pid >= 2**31:
             raise InvalidArgs("Invalid argument")
+        m = self.registry.leaders.get(pid)  # a leader: the common case, answered right here
+        if m is not None:
+            return m.path
         if pid == 0:
             return WithCaller(self._machine_by_sender_pid)
         return self._path_of_pid(pid)

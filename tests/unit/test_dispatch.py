@@ -96,6 +96,10 @@ def test_with_caller_may_wait() -> None:
     assert msg.sent == [("reply", ("o", "/m/later"))]  # finished without waiting: no task
 
 
-def test_plain_methods_cannot_return_fds() -> None:
-    with pytest.raises(ValueError, match="cannot return fds"):
+def test_plain_methods_return_one_value_and_no_fds() -> None:
+    with pytest.raises(ValueError, match="one value, not fds"):
         plain(lambda name: 3, out_sig="h")
+    dispatcher = Dispatcher.__new__(Dispatcher)
+    with pytest.raises(ValueError, match="one value, not fds"):
+        dispatcher._callback(Method("M", "s", ("name",), "ss", ("a", "b"), lambda n: ("", ""),
+                                    plain=True))
