@@ -120,6 +120,8 @@ def main() -> int:
     p.add_argument("--lookups", type=int, default=None, help="calls per lookup (default 2000)")
     p.add_argument("--quick", action="store_true", help="100 machines, 500 lookups")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
+    p.add_argument("--python", default=str(br.REPO / ".venv" / "bin" / "python"),
+                   help="interpreter for our daemon (default: .venv/bin/python of the repo)")
     args = p.parse_args()
     args.machines = args.machines or (100 if args.quick else 1000)
     args.lookups = args.lookups or (500 if args.quick else 2000)
@@ -132,8 +134,7 @@ def main() -> int:
     registry_args = br.parse_args(["--machines", str(args.machines), "--no-docs"])
     mount = br.cgroup2_mount()
     daemons = {"real": [br.REAL_MACHINED],
-               "ours": [str(br.REPO / ".venv" / "bin" / "python"), "-m", "machined",
-                        "--scope-backend=cgroupfs"]}
+               "ours": [args.python, "-m", "machined", "--scope-backend=cgroupfs"]}
     problems: list[str] = []
     t0 = time.monotonic()
     with open(br.LOCK_FILE, "a") as lock, tempfile.TemporaryDirectory() as out_dir:
