@@ -215,14 +215,7 @@ def write_docs(path: Path, table: str, args: argparse.Namespace, runtime: float,
         f"- Benchmark runtime: {runtime:.0f} s",
         "- How to run: `sudo .venv/bin/python bench/bench_inside.py` (root)", "",
         table, ""])
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION in text:
-        head, _, rest = text.partition(SECTION)
-        nxt = rest.find("\n## ")
-        text = head + section + (rest[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    br.replace_section(path, SECTION, section)
     br.log(f"wrote {path}")
 
 
