@@ -1,6 +1,8 @@
-"""The daemon's log lines: one line per record on stderr, "machined[PID]: LEVEL text", or
-"<N>text" under journald (which turns N into the priority); and the INFO lines that registering
-and unregistering write after their reply."""
+"""The daemon's log lines: one line per record on stderr, "machined[PID]: LEVEL text"; under
+systemd, whose journal stream stderr then is, one datagram per record to the journal's native
+socket (as 252 logs, so that "New machine"/"terminated" carry their MESSAGE_ID, NAME and
+LEADER fields), or "<N>text" lines on the stream when the socket cannot be had; and the INFO
+lines that registering and unregistering write after their reply."""
 
 from __future__ import annotations
 
@@ -8,9 +10,49 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
+import struct
+from collections.abc import Mapping
 
 _SYSLOG = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
            logging.CRITICAL: 2}
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+IDENTIFIER = "systemd-machined"
+# sd-messages.h: what 252 logs when a machine starts and when it goes
+MACHINE_START = "24d8d4452573402496068381a6312df2"
+MACHINE_STOP = "58432bd3bace477cb514b56381b8a758"
+
+
+def journal_socket(stream: str, fd: int = 2, path: str = JOURNAL_SOCKET) -> socket.socket | None:
+    """The journal's native socket, if fd is the journal stream JOURNAL_STREAM ("DEV:INODE")
+    names (systemd's own test for logging to the journal), and the socket is there."""
+    try:
+        dev, ino = (int(part) for part in stream.split(":"))
+        st = os.fstat(fd)
+    except (ValueError, OSError):
+        return None
+    if (st.st_dev, st.st_ino) != (dev, ino):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def journal_entry(fields: Mapping[str, str]) -> bytes:
+    """The journal's native format: KEY=value lines, or KEY, a 64-bit length and the value for
+    values with a newline in them."""
+    out = []
+    for key, value in fields.items():
+        data = value.encode("utf-8", "backslashreplace")
+        if b"\n" in data:
+            out.append(key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n")
+        else:
+            out.append(key.encode() + b"=" + data + b"\n")
+    return b"".join(out)
 
 
 class LineHandler(logging.Handler):
@@ -18,9 +60,10 @@ class LineHandler(logging.Handler):
     and Formatter add a lock, a text layer, a flush and a few calls per line; the daemon logs a
     line per registration, and they cost it a noticeable share of its time."""
 
-    def __init__(self, journal: bool) -> None:
+    def __init__(self, journal: bool, native: socket.socket | None = None) -> None:
         super().__init__()
         self.journal = journal
+        self.native = native
         self._set_prefix()
         os.register_at_fork(after_in_child=self._set_prefix)
 
@@ -42,11 +85,33 @@ class LineHandler(logging.Handler):
         except Exception:
             self.handleError(record)
 
-    def write(self, levelno: int, levelname: str, texts: list[str]) -> None:
+    def write(self, levelno: int, levelname: str, texts: list[str],
+              fields: list[Mapping[str, str] | None] | None = None) -> None:
+        """texts as lines; fields, one per text, are the extra journal fields of each."""
+        if self.native is not None:
+            texts = self._send(levelno, texts, fields or [None] * len(texts))
+            if not texts:
+                return
         head = f"<{_SYSLOG.get(levelno, 6)}>" if self.journal else f"{self.prefix}{levelname} "
         data = "".join([f"{head}{text}\n" for text in texts]).encode("utf-8", "backslashreplace")
         while data:
             data = data[os.write(2, data):]
+
+    def _send(self, levelno: int, texts: list[str],
+              fields: list[Mapping[str, str] | None]) -> list[str]:
+        """Each text as a journal entry; what the socket refused (too large, journald away) is
+        returned, to be written to the stream instead."""
+        assert self.native is not None
+        priority = str(_SYSLOG.get(levelno, 6))
+        left = []
+        for text, extra in zip(texts, fields, strict=True):
+            entry = {"PRIORITY": priority, "SYSLOG_IDENTIFIER": IDENTIFIER, "MESSAGE": text,
+                     **(extra or {})}
+            try:
+                self.native.send(journal_entry(entry))
+            except OSError:
+                left.append(text)
+        return left
 
 
 _EXCEPTIONS = logging.Formatter()
@@ -64,24 +129,26 @@ def setup_logging(level: str) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     root = logging.getLogger()
-    _direct = LineHandler(journal=bool(os.environ.get("JOURNAL_STREAM")))
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    _direct = LineHandler(journal=bool(stream), native=journal_socket(stream) if stream else None)
     root.handlers[:] = [_direct]
     root.setLevel(LEVELS[level])
 
 
-_pending: list[tuple[logging.Logger, str]] = []
+_pending: list[tuple[logging.Logger, str, Mapping[str, str] | None]] = []
 
 
-def info_after_reply(logger: logging.Logger, msg: str, *args: object) -> None:
+def info_after_reply(logger: logging.Logger, msg: str, *args: object,
+                     fields: Mapping[str, str] | None = None) -> None:
     """Log at INFO at the next turn of the event loop, after the reply of the call being handled
     has gone out: the caller need not wait for the line. With the daemon's own handler, the
     lines of one turn go out in one write() without LogRecords, which cost a registration more
-    than the rest of its logging."""
+    than the rest of its logging; `fields` go with the line into the journal."""
     if not logger.isEnabledFor(logging.INFO):
         return
     if not _pending:
         asyncio.get_running_loop().call_soon(_flush)
-    _pending.append((logger, msg % args if args else msg))
+    _pending.append((logger, msg % args if args else msg, fields))
 
 
 def _flush() -> None:
@@ -89,8 +156,9 @@ def _flush() -> None:
     _pending.clear()
     handler = _direct
     if handler is None or logging.getLogger().handlers != [handler]:
-        for logger, text in lines:
+        for logger, text, _fields in lines:
             logger.info("%s", text)
         return
     with contextlib.suppress(OSError):  # stderr gone: nothing to tell it to
-        handler.write(logging.INFO, "INFO", [text for _, text in lines])
+        handler.write(logging.INFO, "INFO", [text for _, text, _ in lines],
+                      [fields for _, _, fields in lines])

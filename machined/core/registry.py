@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
-from ..logs import info_after_reply
+from ..logs import MACHINE_START, MACHINE_STOP, info_after_reply
 from . import eager
 from .errors import ErrnoError, JobFailed, MachinedError, MachineExists
 from .machine import Machine, MachineClass, Timestamp
@@ -186,7 +186,8 @@ class Registry:
         if not m.unit:
             m.scope_job = await self.backend.start_scope(m, properties or [])
         self.units.setdefault(m.unit, m)
-        info_after_reply(log, "New machine %s.", m.name)
+        info_after_reply(log, "New machine %s.", m.name, fields={
+            "MESSAGE_ID": MACHINE_START, "NAME": m.name, "LEADER": str(m.leader)})
         if m.timestamp is None:
             m.timestamp = Timestamp.now()
         m.started = True
@@ -335,7 +336,8 @@ class Registry:
             self.statedir.remove_unit_link(m.unit)
             return
         if m.started:
-            info_after_reply(log, "Machine %s terminated.", m.name)
+            info_after_reply(log, "Machine %s terminated.", m.name, fields={
+                "MESSAGE_ID": MACHINE_STOP, "NAME": m.name, "LEADER": str(m.leader)})
             m.stopping = True
         if not m.finalized:
             if self.units.get(m.unit) in (None, m):

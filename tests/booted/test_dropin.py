@@ -291,6 +291,27 @@ def test_terminate_keep_unit(vm: InstalledVM) -> None:
              .stdout.strip() != "active", 30, 0.1)
 
 
+def test_machine_start_and_stop_in_the_journal_as_252(vm: InstalledVM) -> None:
+    """The daemon logs to the journal natively, as 252: "New machine" and "terminated" entries
+    with 252's MESSAGE_IDs and its NAME and LEADER fields."""
+    import json
+
+    def entries(message_id: str) -> list[dict[str, str]]:
+        out = vm.run("journalctl", "--no-pager", "--output=json", f"MESSAGE_ID={message_id}",
+                     f"_SYSTEMD_UNIT={UNIT}", "_COMM=python3").stdout  # ours, not 252's
+        return [json.loads(line) for line in out.splitlines()]
+
+    started = [e for e in entries("24d8d4452573402496068381a6312df2") if e["NAME"] == "tinyc"]
+    stopped = [e for e in entries("58432bd3bace477cb514b56381b8a758") if e["NAME"] == "tinyc"]
+    assert started and stopped
+    for entry, text in ((started[-1], "New machine tinyc."),
+                        (stopped[-1], "Machine tinyc terminated.")):
+        assert entry["MESSAGE"] == text
+        assert entry["PRIORITY"] == "6" and entry["SYSLOG_IDENTIFIER"] == "systemd-machined"
+        assert int(entry["LEADER"]) > 1
+    assert started[-1]["LEADER"] == stopped[-1]["LEADER"]
+
+
 def test_daemon_logged_no_warnings(vm: InstalledVM) -> None:
     """Everything above is ordinary work: our daemon logged nothing at warning or worse."""
     def journal(*args: str) -> str:

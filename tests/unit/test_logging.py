@@ -1,8 +1,10 @@
-"""The daemon's log lines: "machined[PID]: LEVEL text", or "<N>text" under journald."""
+"""The daemon's log lines: "machined[PID]: LEVEL text", "<N>text" on the journal stream, or native
+journal entries (with 252's fields) when the journal socket is there."""
 
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +110,106 @@ def test_lines_after_the_reply_without_the_daemons_handler(caplog: pytest.LogCap
     with caplog.at_level(logging.INFO):
         asyncio.run(turn())
     assert [r.getMessage() for r in caplog.records] == ["New machine c."]
+
+
+def parse_entry(data: bytes) -> dict[str, str]:
+    """The journal's native format, read back."""
+    import struct
+
+    fields = {}
+    while data:
+        line, sep, rest = data.partition(b"\n")
+        if b"=" in line:
+            key, _, value = line.partition(b"=")
+            fields[key.decode()] = value.decode()
+            data = rest
+        else:  # KEY\n, a 64-bit length, the value, \n
+            (size,) = struct.unpack("<Q", rest[:8])
+            fields[line.decode()] = rest[8:8 + size].decode()
+            assert rest[8 + size:9 + size] == b"\n"
+            data = rest[9 + size:]
+    return fields
+
+
+def test_native_journal_entries(log: logging.Logger, capfd: pytest.CaptureFixture[str]) -> None:
+    """Under systemd: a datagram per record, with 252's identifier, the priority, and a value
+    with newlines (a traceback) in the binary form; nothing on the stream."""
+    import socket
+
+    ours, journald = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ours, journald:
+        log.addHandler(_LineHandler(journal=True, native=ours))
+        log.warning("Failed: %s", "ü")
+        try:
+            raise ZeroDivisionError("boom")
+        except ZeroDivisionError:
+            log.exception("Handler failed")
+        first, second = parse_entry(journald.recv(65536)), parse_entry(journald.recv(65536))
+    assert first == {"PRIORITY": "4", "SYSLOG_IDENTIFIER": "systemd-machined",
+                     "MESSAGE": "Failed: ü"}
+    assert second["PRIORITY"] == "3"
+    assert second["MESSAGE"].startswith("Handler failed\nTraceback (most recent call last):")
+    assert second["MESSAGE"].endswith("ZeroDivisionError: boom")
+    assert capfd.readouterr().err == ""
+
+
+def test_machine_lines_carry_252s_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    """info_after_reply's fields go into the entry (MESSAGE_ID, NAME, LEADER, as 252 logs)."""
+    import asyncio
+    import socket
+
+    from machined import logs
+
+    ours, journald = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ours, journald:
+        handler = _LineHandler(journal=True, native=ours)
+        monkeypatch.setattr(logs, "_direct", handler)
+        monkeypatch.setattr(logging.getLogger(), "handlers", [handler])
+        logger = logging.getLogger("machined.test-fields")
+        logger.setLevel(logging.INFO)
+
+        async def turn() -> None:
+            logs.info_after_reply(logger, "New machine %s.", "a", fields={
+                "MESSAGE_ID": logs.MACHINE_START, "NAME": "a", "LEADER": "42"})
+            logs.info_after_reply(logger, "plain")
+            await asyncio.sleep(0)
+
+        asyncio.run(turn())
+        first, second = parse_entry(journald.recv(65536)), parse_entry(journald.recv(65536))
+    assert first == {"PRIORITY": "6", "SYSLOG_IDENTIFIER": "systemd-machined",
+                     "MESSAGE": "New machine a.", "MESSAGE_ID": "24d8d4452573402496068381a6312df2",
+                     "NAME": "a", "LEADER": "42"}
+    assert second["MESSAGE"] == "plain" and "MESSAGE_ID" not in second
+
+
+def test_refused_entries_go_to_the_stream(log: logging.Logger,
+                                          capfd: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    ours, journald = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journald.close()  # journald went away
+    with ours:
+        log.addHandler(_LineHandler(journal=True, native=ours))
+        log.info("still %s", "here")
+    assert capfd.readouterr().err == "<6>still here\n"
+
+
+def test_journal_socket_only_for_the_journal_stream(tmp_path: Path) -> None:
+    """JOURNAL_STREAM must name the fd's own device and inode, and the socket must be there."""
+    import socket
+
+    from machined.logs import journal_socket
+
+    path = str(tmp_path / "socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as journald, \
+            open(tmp_path / "stream", "w") as stream:
+        st = os.fstat(stream.fileno())
+        name = f"{st.st_dev}:{st.st_ino}"
+        assert journal_socket(name, stream.fileno(), path) is None  # no socket yet
+        journald.bind(path)
+        sock = journal_socket(name, stream.fileno(), path)
+        assert sock is not None
+        sock.close()
+        assert journal_socket(f"{st.st_dev}:{st.st_ino + 1}", stream.fileno(), path) is None
+        assert journal_socket("", stream.fileno(), path) is None
+        assert journal_socket("junk", stream.fileno(), path) is None
