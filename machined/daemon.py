@@ -20,13 +20,14 @@ from .bus.machine import MANAGER_PATH, MachineHandlers, MachineObjects
 from .bus.manager import Manager
 from .bus.objects import Dispatcher
 from .core.images import SearchPath
-from .core.ports import ScopeBackend
+from .core.ports import Listeners, ScopeBackend
 from .core.registry import Registry
 from .core.statefile import StateDir
 from .core.userdb import UserDatabase
 from .linux import cgroups, facts
 from .linux.inotify import Inotify
 from .linux.notify import sd_notify, watchdog_interval
+from .linux.nscd import NscdFlusher
 from .linux.process import PidfdWatcher
 from .scopes.cgroupfs import CgroupfsBackend
 from .scopes.systemd1 import Systemd1Backend
@@ -97,7 +98,9 @@ async def run(options: Options) -> int:
     backend = await _choose_backend(bus, options, registry_ref)
     watcher = PidfdWatcher(loop)
     objects = MachineObjects(dispatcher)
-    registry = Registry(backend, watcher, statedir, objects, host_machine_id())
+    # MachineNew/MachineRemoved on the bus, then nscd's caches flushed, as 252 does
+    registry = Registry(backend, watcher, statedir, Listeners(objects, NscdFlusher()),
+                        host_machine_id())
     registry_ref.append(registry)
     handlers = MachineHandlers(registry, authority)
     objects.serve(registry, handlers)

@@ -81,3 +81,22 @@ class RegistryListener(Protocol):
     def machine_freed(self, m: Machine) -> None:
         """The machine left the table (work still running for it must end)."""
         ...
+
+
+class Listeners:
+    """Several RegistryListeners as one, told in order."""
+
+    def __init__(self, *listeners: RegistryListener) -> None:
+        self.listeners = listeners
+
+    def machine_new(self, m: Machine) -> None:
+        for listener in self.listeners:
+            listener.machine_new(m)
+
+    def machine_removed(self, m: Machine) -> None:
+        for listener in self.listeners:
+            listener.machine_removed(m)
+
+    def machine_freed(self, m: Machine) -> None:
+        for listener in self.listeners:
+            listener.machine_freed(m)

@@ -332,3 +332,18 @@ async def test_reload_keeps_every_live_machine_when_the_backend_answers_later(
     await again.settle()
     assert sorted(m.name for m in again.registry if m.name != ".host") == ["a", "b", "c"]
     assert all((tmp_path / name).exists() for name in ("a", "b", "c"))
+
+
+async def test_every_listener_is_told(tmp_path: Path) -> None:
+    """Listeners: the bus layer and nscd's flusher both hear of machines coming and going."""
+    from machined.core.ports import Listeners
+
+    world = World(tmp_path)
+    second = Listener()
+    world.registry = Registry(world.backend, world.watcher, world.statedir,
+                              Listeners(world.listener, second), bytes(range(16)))
+    await world.registry.start()
+    m = await world.registry.create(spec(), [], 42)
+    world.registry.unregister(m)
+    assert world.listener.events == second.events == [("new", "ct"), ("removed", "ct"),
+                                                      ("freed", "ct")]
