@@ -16,6 +16,8 @@ from collections.abc import Mapping
 
 _SYSLOG = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
            logging.CRITICAL: 2}
+TARGETS = ("console", "console-prefixed", "kmsg", "journal", "journal-or-kmsg", "syslog",
+           "syslog-or-kmsg", "auto", "null")  # 252's log targets (LogTarget, $SYSTEMD_LOG_TARGET)
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 IDENTIFIER = "systemd-machined"
 # sd-messages.h: what 252 logs when a machine starts and when it goes
@@ -64,6 +66,7 @@ class LineHandler(logging.Handler):
         super().__init__()
         self.journal = journal
         self.native = native
+        self.target = "auto"  # LogTarget: "null" drops, console targets keep to the stream
         self._set_prefix()
         os.register_at_fork(after_in_child=self._set_prefix)
 
@@ -88,7 +91,9 @@ class LineHandler(logging.Handler):
     def write(self, levelno: int, levelname: str, texts: list[str],
               fields: list[Mapping[str, str] | None] | None = None) -> None:
         """texts as lines; fields, one per text, are the extra journal fields of each."""
-        if self.native is not None:
+        if self.target == "null":
+            return
+        if self.native is not None and not self.target.startswith("console"):
             texts = self._send(levelno, texts, fields or [None] * len(texts))
             if not texts:
                 return
@@ -131,8 +136,21 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     stream = os.environ.get("JOURNAL_STREAM", "")
     _direct = LineHandler(journal=bool(stream), native=journal_socket(stream) if stream else None)
+    _direct.target = target_from_environment()
     root.handlers[:] = [_direct]
     root.setLevel(LEVELS[level])
+
+
+def target_from_environment() -> str:
+    """$SYSTEMD_LOG_TARGET if it names one of 252's targets, else "auto" (252's default)."""
+    target = os.environ.get("SYSTEMD_LOG_TARGET", "")
+    return target if target in TARGETS else "auto"
+
+
+def set_target(target: str) -> None:
+    """LogTarget set on the bus: the daemon's handler follows it."""
+    if _direct is not None:
+        _direct.target = target
 
 
 _pending: list[tuple[logging.Logger, str, Mapping[str, str] | None]] = []

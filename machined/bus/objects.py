@@ -24,7 +24,7 @@ import sdbus
 from sdbus.sd_bus_internals import SdBus, SdBusInterface, SdBusMessage
 
 from ..core.eager import Resumed, keep_task, run_until_wait
-from ..core.errors import UnknownObject
+from ..core.errors import MachinedError, UnknownObject
 from . import client, libsdbus
 from .errors import to_dbus
 from .fallback import FallbackVtable
@@ -72,6 +72,9 @@ class Property:
     emits: str = FALSE  # EmitsChangedSignal annotation: "const" or "false"
     hidden: bool = False
     setter: Callable[[Any], None] | None = None
+    # A bad value for the setter: raises the error (InvalidArgs, say) the Set call gets, with
+    # its message (sdbus's own property path would answer Failed with none).
+    check: Callable[[Any], object] | None = None
 
 
 @dataclass(frozen=True)
@@ -176,19 +179,48 @@ class Dispatcher:
         for method in iface.methods:
             if method.privileged:
                 self._intercept(path, iface.name, method, dispatchers[method.name])
+        checked = {p.name: p for p in iface.properties if p.setter and p.check}
+        if checked:
+            self._vet_property_values(path, iface.name, checked)
+
+    def _privileged_methods(self) -> PrivilegedMethods:
+        if self._privileged is None:
+            self._privileged = PrivilegedMethods(
+                self.bus, lambda sender: self.creds_now(sender).uid, self._reply_error)
+        return self._privileged
 
     def _intercept(self, path: str, interface: str, method: Method,
                    dispatch: Callable[[SdBusMessage], None]) -> None:
         """Privileged calls checked with cached credentials (see bus/privileged.py); without
         the interception sd-bus checks them itself, with a bus round trip per call."""
         try:
-            if self._privileged is None:
-                self._privileged = PrivilegedMethods(
-                    self.bus, lambda sender: self.creds_now(sender).uid, self._reply_error)
-            self._privileged.intercept(path, interface, method.name, method.in_sig, dispatch)
+            self._privileged_methods().intercept(path, interface, method.name, method.in_sig,
+                                                 dispatch)
         except (Unavailable, OSError) as e:
             log.warning("Leaving the access check of %s.%s() to sd-bus: %s", interface,
                         method.name, e)
+
+    def _vet_property_values(self, path: str, interface: str,
+                             checked: dict[str, Property]) -> None:
+        """Properties.Set of a bad value is answered with the check's error and message, as
+        252's own setters answer; the rest of a Set (access, signature, the setter) is sd-bus's."""
+
+        def refusal(msg: SdBusMessage) -> BaseException | None:
+            name, prop_name, (sig, value) = msg.parse_to_tuple()
+            prop = checked.get(prop_name) if name == interface else None
+            if prop is None or prop.check is None or sig != prop.sig:
+                return None
+            try:
+                prop.check(value)
+            except MachinedError as e:
+                return e
+            return None
+
+        try:
+            self._privileged_methods().vet(path, "org.freedesktop.DBus.Properties", "Set",
+                                           "ssv", refusal)
+        except (Unavailable, OSError) as e:
+            log.warning("Bad values of %s's properties get no message: %s", interface, e)
 
     def export_fallback(self, prefix: str, iface: Interface, find: Callable[[str], Any],
                         children: Callable[[], Iterable[str]]) -> FallbackVtable:

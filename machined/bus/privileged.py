@@ -79,6 +79,34 @@ class PrivilegedMethods:
                 log.exception("Failed to dispatch %s.%s()", interface, member)
             return 1
 
+        self._add_match(path, interface, member, on_call)
+
+    def vet(self, path: str, interface: str, member: str, signature: str,
+            refusal: Callable[[SdBusMessage], BaseException | None]) -> None:
+        """A call that sd-bus dispatches itself, looked at first: when the caller is privileged,
+        the signature is `signature` and `refusal(msg)` gives an error, the call is answered
+        with it; every other call goes on to sd-bus, which answers it as before."""
+
+        def on_call(msg_ptr: int, _userdata: int, _error: int) -> int:
+            try:
+                if libsdbus.signature(msg_ptr) != signature:
+                    return 0
+                msg = libsdbus.wrap_message(msg_ptr)
+                if not sender_is_privileged(self._uid_of(msg.sender or ""), self._our_uid):
+                    return 0
+                error = refusal(msg)
+                if error is None:
+                    return 0
+                self._refuse(msg, error)
+                return 1
+            except Exception as e:  # noqa: BLE001 - sd-bus's own path answers this call
+                log.debug("Leaving %s.%s() to sd-bus: %s", interface, member, e)
+                return 0
+
+        self._add_match(path, interface, member, on_call)
+
+    def _add_match(self, path: str, interface: str, member: str,
+                   on_call: Callable[[int, int, int], int]) -> None:
         rule = (f"type='method_call',path='{path}',interface='{interface}',"
                 f"member='{member}'")
         callback = libsdbus.HANDLER(on_call)

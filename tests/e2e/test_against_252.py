@@ -239,6 +239,13 @@ def cases(leaders: dict[str, int]) -> list[tuple[str, str, str, str, tuple[Any, 
     mgr("RemoveImage", "s", "diffempty2")
     mgr("RemoveImage", "s", "diffimg2")
     mgr("GetImage", "s", "diffimg2")
+    # LogControl1: bad values (refused with their message, or the access check first) and a
+    # wrong value type; the good ones are test_log_control_as_252s's
+    lc, lci = "/org/freedesktop/LogControl1", "org.freedesktop.LogControl1"
+    for prop, value in (("LogLevel", ("s", "bogus")), ("LogTarget", ("s", "")),
+                        ("LogLevel", ("u", 7)), ("SyslogIdentifier", ("s", "x")),
+                        ("Nope", ("s", "x"))):
+        c.append((lc, PROPS, "Set", "ssv", (lci, prop, value)))
     return c
 
 
@@ -525,6 +532,26 @@ def test_host_times(pair: Pair) -> None:
               for who, conn in (("real", pair.real), ("ours", pair.ours))}
     assert abs(stamps["real"][0] - stamps["ours"][0]) < 1000, stamps
     assert stamps["real"][1] < 10 and stamps["ours"][1] < 10, stamps
+
+
+def test_log_control_as_252s(pair: Pair) -> None:
+    """LogControl1: every one of 252's log targets and levels set and read back, bad ones
+    refused with the same words; the level is put back at the end."""
+    lc, iface = "/org/freedesktop/LogControl1", "org.freedesktop.LogControl1"
+    differ = []
+    steps: list[tuple[str, str]] = [("LogTarget", t) for t in (
+        "console", "console-prefixed", "kmsg", "journal", "journal-or-kmsg", "syslog",
+        "syslog-or-kmsg", "null", "auto", "bogus", "")]
+    steps += [("LogLevel", lv) for lv in ("debug", "notice", "bogus", "7", "info")]
+    for prop, value in steps:
+        seen = {}
+        for who, conn in (("real", pair.real), ("ours", pair.ours)):
+            put = outcome(conn, lc, PROPS, "Set", "ssv", iface, prop, ("s", value))
+            seen[who] = (put, outcome(conn, lc, PROPS, "Get", "ss", iface, prop),
+                         outcome(conn, lc, PROPS, "Get", "ss", iface, "SyslogIdentifier"))
+        if seen["real"] != seen["ours"]:
+            differ.append(difference(f"{prop} = {value!r}", seen["real"], seen["ours"]))
+    assert not differ, "\n".join(differ)
 
 
 def test_same_answers_for_an_unprivileged_caller(pair: Pair) -> None:

@@ -213,3 +213,42 @@ def test_journal_socket_only_for_the_journal_stream(tmp_path: Path) -> None:
         assert journal_socket(f"{st.st_dev}:{st.st_ino + 1}", stream.fileno(), path) is None
         assert journal_socket("", stream.fileno(), path) is None
         assert journal_socket("junk", stream.fileno(), path) is None
+
+
+def test_log_control_levels_and_targets_as_252(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Levels by name or syslog number; the target "auto" unless $SYSTEMD_LOG_TARGET names one."""
+    from machined.bus.logcontrol import LogControl, level_name
+    from machined.core.errors import InvalidArgs
+
+    assert [level_name(v) for v in ("debug", "7", "0", "3")] == ["debug", "debug", "emerg", "err"]
+    for bad in ("8", "-1", "", "DEBUG"):
+        with pytest.raises(InvalidArgs, match=f"Invalid log level '{bad}'"):
+            level_name(bad)
+    monkeypatch.delenv("SYSTEMD_LOG_TARGET", raising=False)
+    assert LogControl().target == "auto"
+    monkeypatch.setenv("SYSTEMD_LOG_TARGET", "journal-or-kmsg")
+    assert LogControl().target == "journal-or-kmsg"
+    monkeypatch.setenv("SYSTEMD_LOG_TARGET", "bogus")
+    assert LogControl().target == "auto"
+
+
+def test_the_log_target_decides_where_lines_go(log: logging.Logger,
+                                               capfd: pytest.CaptureFixture[str]) -> None:
+    """console: the stream even with the journal's socket; null: nowhere; auto: the journal."""
+    import socket
+
+    ours, journald = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ours, journald:
+        handler = _LineHandler(journal=True, native=ours)
+        log.addHandler(handler)
+        handler.target = "console"
+        log.info("to the stream")
+        handler.target = "null"
+        log.info("to nowhere")
+        handler.target = "auto"
+        log.info("to the journal")
+        assert parse_entry(journald.recv(65536))["MESSAGE"] == "to the journal"
+        journald.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            journald.recv(65536)
+    assert capfd.readouterr().err == "<6>to the stream\n"
