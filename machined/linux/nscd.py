@@ -59,7 +59,7 @@ class NscdFlusher:
         if self._task is not None and not self._task.done():
             self._again = True
             return
-        if not os.path.exists(self.path):  # no nscd: the usual case, one stat() after the reply
+        if not os.access(self.path, os.F_OK):  # no nscd, the usual case: one access(), no raise
             return
         self._task = asyncio.get_running_loop().create_task(self._run())
 
