@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import struct
+import time
 
 from ..core.machine import Machine
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 NSCD_SOCKET = "/run/nscd/socket"
 DATABASES = ("passwd", "group", "hosts")
 TIMEOUT = 5.0  # for all three, as 252
+ABSENT_FOR = 1.0  # seconds a missing socket is not looked for again
 _REQUEST = struct.Struct("=iii")
 _VERSION, _INVALIDATE = 2, 10
 
@@ -37,6 +39,10 @@ class NscdFlusher:
     def __init__(self, path: str = NSCD_SOCKET) -> None:
         self.path = path
         self._scheduled = False
+        # No socket a moment ago: none now either. Registrations come by the thousand a second,
+        # and nscd is rarely installed; an nscd started within that second has cached next to
+        # nothing yet, and the next machine that comes or goes flushes it.
+        self._absent_until = 0.0
         self._task: asyncio.Task[None] | None = None
         self._again = False
 
@@ -50,7 +56,7 @@ class NscdFlusher:
         pass
 
     def flush_soon(self) -> None:
-        if not self._scheduled:
+        if not self._scheduled and time.monotonic() >= self._absent_until:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._start)
 
@@ -59,7 +65,8 @@ class NscdFlusher:
         if self._task is not None and not self._task.done():
             self._again = True
             return
-        if not os.access(self.path, os.F_OK):  # no nscd, the usual case: one access(), no raise
+        if not os.access(self.path, os.F_OK):  # no nscd, the usual case (no raise, unlike stat)
+            self._absent_until = time.monotonic() + ABSENT_FOR
             return
         self._task = asyncio.get_running_loop().create_task(self._run())
 

@@ -71,10 +71,21 @@ async def test_an_old_nscd_that_just_closes_and_a_failing_one(tmp_path: Path) ->
 
 
 async def test_without_nscd_nothing_happens(tmp_path: Path) -> None:
-    flusher = NscdFlusher(str(tmp_path / "none"))
+    """...and the socket is not looked for again within a second; then it is."""
+    nscd = FakeNscd()
+    path = str(tmp_path / "socket")
+    flusher = NscdFlusher(path)
     flusher.flush_soon()
     await asyncio.sleep(0)
     assert flusher._task is None  # noqa: SLF001
+    async with await asyncio.start_unix_server(nscd.serve, path):
+        flusher.flush_soon()
+        await settle(flusher)
+        assert nscd.requests == []
+        flusher._absent_until = 0.0  # noqa: SLF001 - the second is over
+        flusher.flush_soon()
+        await settle(flusher)
+        assert len(nscd.requests) == 3
 
 
 async def test_a_flush_asked_for_while_one_runs_makes_one_more(tmp_path: Path) -> None:
