@@ -14,6 +14,11 @@ does what sd-bus's method dispatch would do, in the same order: the access check
 I.M() not permitted."), then the signature check ("Invalid arguments ..."), then the method's
 handler. A call it cannot take (its credentials cannot be looked up, say) goes on to the vtable,
 which answers it exactly as before.
+
+The same kind of match vets the values of writable properties (`vet`): sdbus's property path
+answers an exception in a setter with Failed and no message, where 252's setters say
+"Invalid log level '...'"; a privileged caller's bad value is answered here, with the message,
+and everything else about the Set (access, signature, the setter) stays sd-bus's.
 """
 
 from __future__ import annotations
