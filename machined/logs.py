@@ -135,7 +135,7 @@ def setup_logging(level: str) -> None:
     logging.logMultiprocessing = False
     root = logging.getLogger()
     stream = os.environ.get("JOURNAL_STREAM", "")
-    _direct = LineHandler(journal=bool(stream), native=journal_socket(stream) if stream else None)
+    _direct = LineHandler(journal=bool(stream), native=journal_socket(stream))
     _direct.target = target_from_environment()
     root.handlers[:] = [_direct]
     root.setLevel(LEVELS[level])

@@ -60,6 +60,6 @@ class LogControl:
                          check=level_name),
                 Property("LogTarget", "s", lambda: self.target, setter=self.set_target,
                          check=check_target),
-                Property("SyslogIdentifier", "s", lambda: "systemd-machined"),
+                Property("SyslogIdentifier", "s", lambda: logs.IDENTIFIER),
             ],
         )

@@ -92,16 +92,13 @@ class NscdFlusher:
         try:
             writer.write(request(database))
             await writer.drain()
-            answer = await reader.read(4)
-            while answer and len(answer) < 4:
-                more = await reader.read(4 - len(answer))
-                if not more:
-                    raise ValueError("nscd prematurely ended connection")
-                answer += more
+            answer = await reader.readexactly(4)
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                raise ValueError("nscd prematurely ended connection") from None
+            return  # an older nscd closes the connection at once: fine
         finally:
             writer.close()
-        if not answer:
-            return  # an older nscd closes the connection at once: fine
         (result,) = struct.unpack("=i", answer)
         if result != 0:
             raise ValueError(f"nscd answered {result} on invalidating '{database}'")

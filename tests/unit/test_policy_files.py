@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.busdaemon import REPO
+
 SHIPPED = {
     "policy/org.freedesktop.machine1.conf": "/usr/share/dbus-1/system.d/org.freedesktop.machine1.conf",
     "policy/org.freedesktop.machine1.policy":
