@@ -3,13 +3,19 @@
 The child enters the container's mount namespace only; the container side is opened there, so
 its symlinks resolve inside the container, never on the host. Below the two top directories
 everything is done relative to directory fds with O_NOFOLLOW: a symlink is copied as a symlink
-and never followed, also when the container swaps a directory for one during the copy."""
+and never followed, also when the container swaps a directory for one during the copy.
+
+Hard links within a copied tree stay hard links, as 252's COPY_HARDLINKS keeps them: the first
+copy of an inode with more than one link is linked into a hidden store directory in the
+destination's top directory, named after the source's device and inode, and later names of the
+same inode are linked from there. The store is removed when the tree is done."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import secrets
 import socket
 import stat
 from dataclasses import dataclass
@@ -35,27 +41,91 @@ def open_parent(path: str) -> tuple[int, str]:
 
 
 def copy_entry(src_dir: int, src: str, dst_dir: int, dst: str, replace: bool, owner: Owner,
-               top: bool = True) -> None:
+               links: HardLinks | None = None) -> None:
+    """Copy `src` to `dst`; `links` is None for the top of a copy, its store below."""
     st = os.stat(src, dir_fd=src_dir, follow_symlinks=False)
     uid = st.st_uid if owner.uid is None else owner.uid
     gid = st.st_gid if owner.gid is None else owner.gid
     if stat.S_ISDIR(st.st_mode):
-        _copy_dir(src_dir, src, dst_dir, dst, replace, owner, st, uid, gid)
-    elif stat.S_ISREG(st.st_mode):
-        _copy_file(src_dir, src, dst_dir, dst, replace, st, uid, gid)
-    elif stat.S_ISLNK(st.st_mode):
+        _copy_dir(src_dir, src, dst_dir, dst, replace, owner, st, uid, gid, links)
+        return
+    if stat.S_ISLNK(st.st_mode):  # symlinks are copied, never linked (as in 252)
         target = os.readlink(src, dir_fd=src_dir)
         _create(lambda: os.symlink(target, dst, dir_fd=dst_dir), dst_dir, dst, replace)
         os.chown(dst, uid, gid, dir_fd=dst_dir, follow_symlinks=False)
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir,
                  follow_symlinks=False)
-    elif stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        return
+    node = stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+    if not (node or stat.S_ISREG(st.st_mode)):
+        if links is None:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        return  # sockets below the top are skipped, as systemd's copy does
+    if links is not None and links.link(st, dst_dir, dst, replace):
+        return
+    if node:
         _create(lambda: os.mknod(dst, st.st_mode, st.st_rdev, dir_fd=dst_dir), dst_dir, dst,
                 replace)
         os.chown(dst, uid, gid, dir_fd=dst_dir, follow_symlinks=False)
-    elif top:
-        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
-    # sockets below the top are skipped, as systemd's copy does
+    else:
+        _copy_file(src_dir, src, dst_dir, dst, replace, st, uid, gid)
+    if links is not None:
+        links.remember(st, dst_dir, dst)
+
+
+class HardLinks:
+    """The store of a tree's copied inodes that have more than one link, made in the
+    destination's top directory when the first one is seen (spec §8.9: hard links preserved)."""
+
+    def __init__(self, top_fd: int) -> None:
+        self._top_fd = top_fd
+        self._name = ".#hardlink" + secrets.token_hex(8)
+        self._fd = -1
+
+    @staticmethod
+    def _key(st: os.stat_result) -> str:
+        return f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}:{st.st_ino}"
+
+    def link(self, st: os.stat_result, dst_dir: int, dst: str, replace: bool) -> bool:
+        """Make `dst` a link of the inode's earlier copy; False when there is none (or the
+        link cannot be made, across file systems say): then it is copied."""
+        if st.st_nlink <= 1 or self._fd < 0:
+            return False
+        key = self._key(st)
+        try:
+            _create(lambda: os.link(key, dst, src_dir_fd=self._fd, dst_dir_fd=dst_dir,
+                                    follow_symlinks=False), dst_dir, dst, replace)
+        except FileExistsError:
+            raise  # the target exists and is not to be replaced: as a copy would fail
+        except OSError:
+            return False
+        return True
+
+    def remember(self, st: os.stat_result, dst_dir: int, dst: str) -> None:
+        """Keep the fresh copy `dst` of a linked inode for its other names (best effort, as
+        in 252: without it they become copies)."""
+        if st.st_nlink <= 1:
+            return
+        try:
+            if self._fd < 0:
+                os.mkdir(self._name, 0o700, dir_fd=self._top_fd)
+                self._fd = os.open(self._name, _DIR, dir_fd=self._top_fd)
+            os.link(dst, self._key(st), src_dir_fd=dst_dir, dst_dir_fd=self._fd,
+                    follow_symlinks=False)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self._fd):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        with contextlib.suppress(OSError):
+            os.rmdir(self._name, dir_fd=self._top_fd)
 
 
 def _create(make: object, dst_dir: int, dst: str, replace: bool) -> None:
@@ -121,17 +191,23 @@ def _copy_xattrs(fin: int, fout: int) -> None:
 
 
 def _copy_dir(src_dir: int, src: str, dst_dir: int, dst: str, replace: bool, owner: Owner,
-              st: os.stat_result, uid: int, gid: int) -> None:
+              st: os.stat_result, uid: int, gid: int, links: HardLinks | None) -> None:
     fin = os.open(src, _DIR, dir_fd=src_dir)
     try:
         with contextlib.suppress(FileExistsError):  # merge into an existing directory
             os.mkdir(dst, 0o700, dir_fd=dst_dir)
         fout = os.open(dst, _DIR, dir_fd=dst_dir)
+        store = HardLinks(fout) if links is None else None  # the top directory of the copy
+        below = links if store is None else store
         try:
             for name in os.listdir(fin):
-                copy_entry(fin, name, fout, name, replace, owner, top=False)
+                copy_entry(fin, name, fout, name, replace, owner, below)
+            if store is not None:  # before the directory's times are set
+                store.close()
             _copy_metadata(fin, fout, st, uid, gid)
         finally:
+            if store is not None:
+                store.close()
             os.close(fout)
     finally:
         os.close(fin)

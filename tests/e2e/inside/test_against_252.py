@@ -83,6 +83,7 @@ def pair(request: pytest.FixtureRequest, daemon: tuple[BusDaemon, Machined],
     os.chown(host / "file", 1234, 4321)
     (host / "dir/sub").mkdir(parents=True)
     (host / "dir/sub/inner").write_text("inner")
+    os.link(host / "dir/sub/inner", host / "dir/hard")  # copies keep hard links
     (host / "dir/link").symlink_to("sub/inner")
     cts = Containers(bus, machined, Processes(), tmp_path_factory.mktemp("bb252-ct"))
     real_bus: BusDaemon | None = None
@@ -131,14 +132,18 @@ def same(answers: dict[str, tuple[str, Any]]) -> tuple[str, Any]:
     return result
 
 
-def tree_of(path: Path) -> list[tuple[str, int, int, int, str]]:
-    """What a copy or a bind mount left: names, modes, owners and contents."""
+def tree_of(path: Path) -> list[tuple[str, int, int, int, str, str]]:
+    """What a copy or a bind mount left: names, modes, owners, contents, and for each hard
+    link within the tree the first name of its inode."""
     out = []
+    first_name: dict[int, str] = {}
     for p in sorted([path, *path.rglob("*")]):
         st = os.lstat(p)
+        name = str(p.relative_to(path))
         body = (os.readlink(p) if stat.S_ISLNK(st.st_mode)
                 else p.read_text() if stat.S_ISREG(st.st_mode) else "")
-        out.append((str(p.relative_to(path)), st.st_mode, st.st_uid, st.st_gid, body))
+        same_as = first_name.setdefault(st.st_ino, name) if not stat.S_ISDIR(st.st_mode) else name
+        out.append((name, st.st_mode, st.st_uid, st.st_gid, body, same_as))
     return out
 
 
@@ -215,6 +220,8 @@ def test_copies(pair: Pair) -> None:
         assert tree_of(inside / f"{name}-real") == tree_of(inside / f"{name}-ours"), name
     for name in ("hostname", "back"):
         assert tree_of(host / f"{name}-real") == tree_of(host / f"{name}-ours"), name
+    for tree in (inside / "dir-ours", host / "back-ours"):  # both kept the hard link
+        assert {e[0]: e[5] for e in tree_of(tree)}["sub/inner"] == "hard", tree
 
 
 def test_bind_mount_errors(pair: Pair) -> None:
