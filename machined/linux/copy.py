@@ -8,7 +8,14 @@ and never followed, also when the container swaps a directory for one during the
 Hard links within a copied tree stay hard links, as 252's COPY_HARDLINKS keeps them: the first
 copy of an inode with more than one link is linked into a hidden store directory in the
 destination's top directory, named after the source's device and inode, and later names of the
-same inode are linked from there. The store is removed when the tree is done."""
+same inode are linked from there. The store is removed when the tree is done.
+
+Into an existing tree, as 252's COPY_MERGE and COPY_REPLACE do it (compared with the live 252):
+existing directories are merged into and keep their owner, mode and times; below the top an
+entry that exists already is left as it is, unless replacing, which replaces everything but
+directories (an existing directory stays, where a file was to go); an entry that fails does not
+stop the others, and the copy then fails with the last such error. At the top, an existing
+target fails with EEXIST, also when replacing a directory with something else."""
 
 from __future__ import annotations
 
@@ -52,25 +59,30 @@ def copy_entry(src_dir: int, src: str, dst_dir: int, dst: str, replace: bool, ow
     if stat.S_ISLNK(st.st_mode):  # symlinks are copied, never linked (as in 252)
         target = os.readlink(src, dir_fd=src_dir)
         _create(lambda: os.symlink(target, dst, dir_fd=dst_dir), dst_dir, dst, replace)
-        os.chown(dst, uid, gid, dir_fd=dst_dir, follow_symlinks=False)
-        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir,
-                 follow_symlinks=False)
+        _copy_node_metadata(dst_dir, dst, st, uid, gid)
         return
-    node = stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-    if not (node or stat.S_ISREG(st.st_mode)):
-        if links is None:
-            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
-        return  # sockets below the top are skipped, as systemd's copy does
+    regular = stat.S_ISREG(st.st_mode)
+    if not (regular or stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)
+            or stat.S_ISBLK(st.st_mode) or stat.S_ISSOCK(st.st_mode)):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
     if links is not None and links.link(st, dst_dir, dst, replace):
         return
-    if node:
+    if regular:
+        _copy_file(src_dir, src, dst_dir, dst, replace, st, uid, gid)
+    else:  # FIFOs, device nodes and sockets are made anew, as 252's copy makes them
         _create(lambda: os.mknod(dst, st.st_mode, st.st_rdev, dir_fd=dst_dir), dst_dir, dst,
                 replace)
-        os.chown(dst, uid, gid, dir_fd=dst_dir, follow_symlinks=False)
-    else:
-        _copy_file(src_dir, src, dst_dir, dst, replace, st, uid, gid)
+        _copy_node_metadata(dst_dir, dst, st, uid, gid)
     if links is not None:
         links.remember(st, dst_dir, dst)
+
+
+def _copy_node_metadata(dst_dir: int, dst: str, st: os.stat_result, uid: int,
+                        gid: int) -> None:
+    """Owner and times of a symlink or node just made; its mode came with it (the copy child
+    runs with umask 0)."""
+    os.chown(dst, uid, gid, dir_fd=dst_dir, follow_symlinks=False)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
 
 
 class HardLinks:
@@ -132,10 +144,13 @@ def _create(make: object, dst_dir: int, dst: str, replace: bool) -> None:
     assert callable(make)
     try:
         make()
-    except FileExistsError:
+    except FileExistsError as exists:
         if not replace:
             raise
-        os.unlink(dst, dir_fd=dst_dir)  # a directory is not replaced: EISDIR
+        try:
+            os.unlink(dst, dir_fd=dst_dir)
+        except OSError:
+            raise exists from None  # a directory is not replaced: still EEXIST, as in 252
         make()
 
 
@@ -194,23 +209,35 @@ def _copy_dir(src_dir: int, src: str, dst_dir: int, dst: str, replace: bool, own
               st: os.stat_result, uid: int, gid: int, links: HardLinks | None) -> None:
     fin = os.open(src, _DIR, dir_fd=src_dir)
     try:
-        with contextlib.suppress(FileExistsError):  # merge into an existing directory
+        created = True
+        try:
             os.mkdir(dst, 0o700, dir_fd=dst_dir)
-        fout = os.open(dst, _DIR, dir_fd=dst_dir)
+        except FileExistsError:
+            created = False  # merged into, and left with its own owner, mode and times
+        fout = os.open(dst, _DIR, dir_fd=dst_dir)  # ENOTDIR where something else is
         store = HardLinks(fout) if links is None else None  # the top directory of the copy
         below = links if store is None else store
+        failed: OSError | None = None
         try:
             for name in os.listdir(fin):
-                copy_entry(fin, name, fout, name, replace, owner, below)
+                try:
+                    copy_entry(fin, name, fout, name, replace, owner, below)
+                except FileExistsError:
+                    pass  # left as it is, as 252 leaves it
+                except OSError as e:
+                    failed = e  # the other entries are copied all the same
             if store is not None:  # before the directory's times are set
                 store.close()
-            _copy_metadata(fin, fout, st, uid, gid)
+            if created:
+                _copy_metadata(fin, fout, st, uid, gid)
         finally:
             if store is not None:
                 store.close()
             os.close(fout)
     finally:
         os.close(fin)
+    if failed is not None:
+        raise failed
 
 
 def fork_copy(leader: int, host_dir: int, host_name: str, container_path: str, to_container: bool,
@@ -220,6 +247,7 @@ def fork_copy(leader: int, host_dir: int, host_name: str, container_path: str, t
 
     def work(sock: socket.socket) -> None:
         ns.set_name("(sd-copy)")
+        os.umask(0)  # nodes are made with their source's mode (files and directories get it set)
         # The mount namespace and the leader's root (a leader may be chrooted inside its
         # namespace): container paths resolve from the container's "/", never the host's.
         target.enter()

@@ -1,9 +1,12 @@
-"""The tree copy of Copy{From,To}Machine keeps hard links within the copied tree, as 252's
-COPY_HARDLINKS does (spec §8.9), and leaves nothing of its link store behind."""
+"""The tree copy of Copy{From,To}Machine: hard links within the copied tree stay hard links,
+as 252's COPY_HARDLINKS keeps them (spec §8.9), and nothing of the link store is left behind;
+copies into an existing tree merge and replace as 252's do (seen with the live 252 daemon:
+tests/e2e/inside/test_against_252.py)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,8 +79,8 @@ def test_replacing_keeps_the_links(src: Path, tmp_path: Path) -> None:
     dst = tmp_path / "dst"
     copy(src, dst)
     (src / "a/one").write_text("again")
-    with pytest.raises(FileExistsError):
-        copy(src, dst)
+    copy(src, dst)  # merged: what is there stays
+    assert (dst / "b/two").read_text() == "linked"
     copy(src, dst, replace=True)
     assert link_groups(dst) == [["a/one", "b/two", "three"], ["b/fifo", "fifo"]]
     assert (dst / "b/two").read_text() == "again"
@@ -88,3 +91,54 @@ def test_a_single_linked_file_is_copied(src: Path, tmp_path: Path) -> None:
     copy(src / "three", tmp_path / "copy")
     st = os.stat(tmp_path / "copy")
     assert (st.st_nlink, (tmp_path / "copy").read_text()) == (1, "linked")
+
+
+def test_merging_into_an_existing_tree(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for tree, mode, text in ((src, 0o755, "new"), (dst, 0o700, "old")):
+        (tree / "d").mkdir(parents=True)
+        os.chmod(tree / "d", mode)
+        (tree / "d/f").write_text(text)
+    (src / "d/added").write_text("added")
+    (src / "dir-here").mkdir()  # a directory where the target has a file
+    (dst / "dir-here").write_text("file")
+    (src / "file-here").write_text("file")  # a file where the target has a directory
+    (dst / "file-here").mkdir()
+    for replace in (False, True):
+        with pytest.raises(NotADirectoryError):  # after the other entries were copied
+            copy(src, dst, replace)
+        assert (dst / "d/added").read_text() == "added"
+        assert (dst / "d/f").read_text() == ("new" if replace else "old")
+        assert stat.S_IMODE(os.stat(dst / "d").st_mode) == 0o700  # merged into, not changed
+        assert (dst / "dir-here").read_text() == "file"
+        assert (dst / "file-here").is_dir()  # not replaced, and no error for it
+
+
+def test_the_top_is_not_merged_into_unless_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("file")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "target-file").write_text("there")
+    for replace in (False, True):
+        with pytest.raises(FileExistsError):  # a directory is not replaced with a file
+            copy(tmp_path / "file", tmp_path / "dir", replace)
+        with pytest.raises(NotADirectoryError):
+            copy(tmp_path / "dir", tmp_path / "target-file", replace)
+    with pytest.raises(FileExistsError):
+        copy(tmp_path / "file", tmp_path / "target-file")
+    copy(tmp_path / "file", tmp_path / "target-file", replace=True)
+    assert (tmp_path / "target-file").read_text() == "file"
+
+
+def test_sockets_and_fifos_are_made_anew(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(src / "sock"))
+        os.mkfifo(src / "fifo")
+        os.utime(src / "fifo", ns=(5_000_000_000, 6_000_000_000))
+        copy(src, tmp_path / "dst")
+        copy(src / "sock", tmp_path / "top-sock")
+    assert stat.S_ISSOCK(os.lstat(tmp_path / "dst/sock").st_mode)
+    assert stat.S_ISSOCK(os.lstat(tmp_path / "top-sock").st_mode)
+    st = os.lstat(tmp_path / "dst/fifo")
+    assert stat.S_ISFIFO(st.st_mode) and st.st_mtime_ns == 6_000_000_000

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -85,6 +86,10 @@ def pair(request: pytest.FixtureRequest, daemon: tuple[BusDaemon, Machined],
     (host / "dir/sub/inner").write_text("inner")
     os.link(host / "dir/sub/inner", host / "dir/hard")  # copies keep hard links
     (host / "dir/link").symlink_to("sub/inner")
+    os.mkfifo(host / "dir/fifo", 0o666)  # made with this mode, whatever the umask
+    os.chmod(host / "dir/fifo", 0o666)
+    with socket.socket(socket.AF_UNIX) as sock:  # copied too, as a socket inode
+        sock.bind(str(host / "dir/sock"))
     cts = Containers(bus, machined, Processes(), tmp_path_factory.mktemp("bb252-ct"))
     real_bus: BusDaemon | None = None
     real: RealMachined | None = None
@@ -203,6 +208,8 @@ def test_copies(pair: Pair) -> None:
         ("CopyToMachineWithFlags", "ssst", (n, f"{host}/file", "/tmp/file-{who}", 1)),
         ("CopyToMachine", "sss", (n, f"{host}/dir", "/tmp/dir-{who}")),
         ("CopyToMachine", "sss", (n, f"{host}/dir", "/tmp/dir-{who}/sub")),
+        ("CopyToMachine", "sss", (n, f"{host}/dir", "/tmp/dir-{who}")),  # merged: all there
+        ("CopyToMachineWithFlags", "ssst", (n, f"{host}/dir", "/tmp/dir-{who}", 1)),
         ("CopyToMachine", "sss", (n, f"{host}/nope", "/tmp/nope-{who}")),
         ("CopyToMachine", "sss", (n, f"{host}/file", "/no/such/dir/x-{who}")),
         ("CopyToMachine", "sss", (n, f"{host}/file", "/tmp")),
@@ -222,6 +229,37 @@ def test_copies(pair: Pair) -> None:
         assert tree_of(host / f"{name}-real") == tree_of(host / f"{name}-ours"), name
     for tree in (inside / "dir-ours", host / "back-ours"):  # both kept the hard link
         assert {e[0]: e[5] for e in tree_of(tree)}["sub/inner"] == "hard", tree
+
+
+def test_copies_into_an_existing_tree(pair: Pair) -> None:
+    """Merged into: what exists stays (also the modes of directories), unless replacing,
+    which replaces all but directories; a file where a directory is stays a directory."""
+    n, host, inside = pair.ct.name, pair.host, pair.root / "tmp"
+    src = host / "merge"
+    (src / "d").mkdir(parents=True)
+    (src / "d/f").write_text("new")
+    (src / "d/added").write_text("added")
+    (src / "top").write_text("new top")
+    (src / "file-here").write_text("a file where the target has a directory")
+    for who in WHO:
+        target = inside / f"merge-{who}"
+        (target / "d").mkdir(parents=True)
+        os.chmod(target / "d", 0o700)
+        os.chmod(target, 0o711)
+        (target / "d/f").write_text("old")
+        (target / "top").write_text("old top")
+        (target / "file-here").mkdir()
+    for member, sig, args in (
+            ("CopyToMachine", "sss", (n, str(src), "/tmp/merge-{who}")),
+            ("CopyToMachineWithFlags", "ssst", (n, str(src / "top"), "/tmp/merge-{who}/d", 1)),
+            ("CopyFromMachine", "sss", (n, "/tmp/merge-{who}", f"{host}/merged-{{who}}"))):
+        same(both(pair, member, sig, *args))
+    for tree in (inside / "merge-{}", host / "merged-{}"):
+        assert tree_of(Path(str(tree).format("real"))) == tree_of(Path(str(tree).format("ours")))
+    assert (inside / "merge-ours/d/f").read_text() == "old"
+    same(both(pair, "CopyToMachineWithFlags", "ssst", n, str(src), "/tmp/merge-{who}", 1))
+    assert tree_of(inside / "merge-real") == tree_of(inside / "merge-ours")
+    assert (inside / "merge-ours/d/f").read_text() == "new"
 
 
 def test_bind_mount_errors(pair: Pair) -> None:
