@@ -199,10 +199,13 @@ def _copy_metadata(fin: int, fout: int, st: os.stat_result, uid: int, gid: int) 
 
 
 def _copy_xattrs(fin: int, fout: int) -> None:
+    """The user.* extended attributes, the only ones 252's copy takes along (not security.*,
+    which would carry file capabilities into a container, nor trusted.*)."""
     with contextlib.suppress(OSError):
         for name in os.listxattr(fin):
-            with contextlib.suppress(OSError):
-                os.setxattr(fout, name, os.getxattr(fin, name))
+            if name.startswith("user."):
+                with contextlib.suppress(OSError):
+                    os.setxattr(fout, name, os.getxattr(fin, name))
 
 
 def _copy_dir(src_dir: int, src: str, dst_dir: int, dst: str, replace: bool, owner: Owner,

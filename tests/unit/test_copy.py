@@ -142,3 +142,17 @@ def test_sockets_and_fifos_are_made_anew(tmp_path: Path) -> None:
     assert stat.S_ISSOCK(os.lstat(tmp_path / "top-sock").st_mode)
     st = os.lstat(tmp_path / "dst/fifo")
     assert stat.S_ISFIFO(st.st_mode) and st.st_mtime_ns == 6_000_000_000
+
+
+def test_only_user_xattrs_are_copied(tmp_path: Path) -> None:
+    """As 252's copy: user.* only (security.capability would give a file capabilities)."""
+    (tmp_path / "src").write_text("x")
+    try:
+        os.setxattr(tmp_path / "src", "user.kept", b"1")
+    except OSError as e:
+        pytest.skip(f"no user xattrs here: {e}")
+    if os.geteuid() == 0:
+        os.setxattr(tmp_path / "src", "trusted.dropped", b"2")
+        os.setxattr(tmp_path / "src", "security.dropped", b"3")
+    copy(tmp_path / "src", tmp_path / "dst")
+    assert os.listxattr(tmp_path / "dst") == ["user.kept"]

@@ -82,6 +82,8 @@ def pair(request: pytest.FixtureRequest, daemon: tuple[BusDaemon, Machined],
     (host / "file").write_text("hello")
     os.chmod(host / "file", 0o640)
     os.chown(host / "file", 1234, 4321)
+    for xattr in ("user.kept", "trusted.not-copied"):  # 252 copies user.* only
+        os.setxattr(host / "file", xattr, b"1")
     (host / "dir/sub").mkdir(parents=True)
     (host / "dir/sub/inner").write_text("inner")
     os.link(host / "dir/sub/inner", host / "dir/hard")  # copies keep hard links
@@ -137,9 +139,9 @@ def same(answers: dict[str, tuple[str, Any]]) -> tuple[str, Any]:
     return result
 
 
-def tree_of(path: Path) -> list[tuple[str, int, int, int, str, str]]:
-    """What a copy or a bind mount left: names, modes, owners, contents, and for each hard
-    link within the tree the first name of its inode."""
+def tree_of(path: Path) -> list[tuple[str, int, int, int, str, str, list[str]]]:
+    """What a copy or a bind mount left: names, modes, owners, contents, for each hard link
+    within the tree the first name of its inode, and the names of the extended attributes."""
     out = []
     first_name: dict[int, str] = {}
     for p in sorted([path, *path.rglob("*")]):
@@ -148,7 +150,8 @@ def tree_of(path: Path) -> list[tuple[str, int, int, int, str, str]]:
         body = (os.readlink(p) if stat.S_ISLNK(st.st_mode)
                 else p.read_text() if stat.S_ISREG(st.st_mode) else "")
         same_as = first_name.setdefault(st.st_ino, name) if not stat.S_ISDIR(st.st_mode) else name
-        out.append((name, st.st_mode, st.st_uid, st.st_gid, body, same_as))
+        xattrs = sorted(os.listxattr(p, follow_symlinks=False))
+        out.append((name, st.st_mode, st.st_uid, st.st_gid, body, same_as, xattrs))
     return out
 
 
