@@ -22,14 +22,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import secrets
 import socket
 import stat
+import sys
 from dataclasses import dataclass
 
 from . import namespaces as ns
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# systemd's COPY_DEPTH_MAX: directories nested deeper fail with ENAMETOOLONG (a bound for
+# bind-mount cycles)
+DEPTH_MAX = 2048
 
 
 @dataclass(frozen=True)
@@ -47,34 +52,99 @@ def open_parent(path: str) -> tuple[int, str]:
     return os.open(parent or "/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), name
 
 
-def copy_entry(src_dir: int, src: str, dst_dir: int, dst: str, replace: bool, owner: Owner,
-               links: HardLinks | None = None) -> None:
-    """Copy `src` to `dst`; `links` is None for the top of a copy, its store below."""
-    st = os.stat(src, dir_fd=src_dir, follow_symlinks=False)
-    uid = st.st_uid if owner.uid is None else owner.uid
-    gid = st.st_gid if owner.gid is None else owner.gid
-    if stat.S_ISDIR(st.st_mode):
-        _copy_dir(src_dir, src, dst_dir, dst, replace, owner, st, uid, gid, links)
-        return
-    if stat.S_ISLNK(st.st_mode):  # symlinks are copied, never linked (as in 252)
-        target = os.readlink(src, dir_fd=src_dir)
-        _create(lambda: os.symlink(target, dst, dir_fd=dst_dir), dst_dir, dst, replace)
-        _copy_node_metadata(dst_dir, dst, st, uid, gid)
-        return
-    regular = stat.S_ISREG(st.st_mode)
-    if not (regular or stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)
-            or stat.S_ISBLK(st.st_mode) or stat.S_ISSOCK(st.st_mode)):
-        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
-    if links is not None and links.link(st, dst_dir, dst, replace):
-        return
-    if regular:
-        _copy_file(src_dir, src, dst_dir, dst, replace, st, uid, gid)
-    else:  # FIFOs, device nodes and sockets are made anew, as 252's copy makes them
-        _create(lambda: os.mknod(dst, st.st_mode, st.st_rdev, dir_fd=dst_dir), dst_dir, dst,
-                replace)
-        _copy_node_metadata(dst_dir, dst, st, uid, gid)
-    if links is not None:
-        links.remember(st, dst_dir, dst)
+def copy_entry(src_dir: int, src: str, dst_dir: int, dst: str, replace: bool,
+               owner: Owner) -> None:
+    """Copy `src` (a file of any kind, or a tree) to `dst`."""
+    _allow_depth(DEPTH_MAX)
+    _TreeCopy(replace, owner).entry(src_dir, src, dst_dir, dst, 0)
+
+
+def _allow_depth(levels: int) -> None:
+    """The walk recurses once per directory level (two frames) and holds two fds per level:
+    make room for `levels` of them (the copy runs in a child of its own)."""
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 3 * levels))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * levels + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        raised = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+
+
+class _TreeCopy:
+    """One copy: how it treats existing targets, the owner it forces, and the hard-link store
+    of its top directory."""
+
+    def __init__(self, replace: bool, owner: Owner) -> None:
+        self.replace = replace
+        self.owner = owner
+        self.links: HardLinks | None = None
+
+    def entry(self, src_dir: int, src: str, dst_dir: int, dst: str, depth: int) -> None:
+        st = os.stat(src, dir_fd=src_dir, follow_symlinks=False)
+        uid = st.st_uid if self.owner.uid is None else self.owner.uid
+        gid = st.st_gid if self.owner.gid is None else self.owner.gid
+        if stat.S_ISDIR(st.st_mode):
+            self._dir(src_dir, src, dst_dir, dst, st, uid, gid, depth)
+            return
+        replace = self.replace
+        if stat.S_ISLNK(st.st_mode):  # symlinks are copied, never linked (as in 252)
+            target = os.readlink(src, dir_fd=src_dir)
+            _create(lambda: os.symlink(target, dst, dir_fd=dst_dir), dst_dir, dst, replace)
+            _copy_node_metadata(dst_dir, dst, st, uid, gid)
+            return
+        regular = stat.S_ISREG(st.st_mode)
+        if not (regular or stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)
+                or stat.S_ISBLK(st.st_mode) or stat.S_ISSOCK(st.st_mode)):
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        links = self.links
+        if links is not None and links.link(st, dst_dir, dst, replace):
+            return
+        if regular:
+            _copy_file(src_dir, src, dst_dir, dst, replace, st, uid, gid)
+        else:  # FIFOs, device nodes and sockets are made anew, as 252's copy makes them
+            _create(lambda: os.mknod(dst, st.st_mode, st.st_rdev, dir_fd=dst_dir), dst_dir,
+                    dst, replace)
+            _copy_node_metadata(dst_dir, dst, st, uid, gid)
+        if links is not None:
+            links.remember(st, dst_dir, dst)
+
+    def _dir(self, src_dir: int, src: str, dst_dir: int, dst: str, st: os.stat_result,
+             uid: int, gid: int, depth: int) -> None:
+        if depth >= DEPTH_MAX:
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+        fin = os.open(src, _DIR, dir_fd=src_dir)
+        try:
+            created = True
+            try:
+                os.mkdir(dst, 0o700, dir_fd=dst_dir)
+            except FileExistsError:
+                created = False  # merged into, and left with its own owner, mode and times
+            fout = os.open(dst, _DIR, dir_fd=dst_dir)  # ENOTDIR where something else is
+            store = HardLinks(fout) if depth == 0 else None
+            if store is not None:
+                self.links = store
+            failed: OSError | None = None
+            try:
+                for name in os.listdir(fin):
+                    try:
+                        self.entry(fin, name, fout, name, depth + 1)
+                    except FileExistsError:
+                        pass  # left as it is, as 252 leaves it
+                    except OSError as e:
+                        failed = e  # the other entries are copied all the same
+                if store is not None:  # before the directory's times are set
+                    store.close()
+                if created:
+                    _copy_metadata(fin, fout, st, uid, gid)
+            finally:
+                if store is not None:
+                    store.close()
+                os.close(fout)
+        finally:
+            os.close(fin)
+        if failed is not None:
+            raise failed
 
 
 def _copy_node_metadata(dst_dir: int, dst: str, st: os.stat_result, uid: int,
@@ -206,41 +276,6 @@ def _copy_xattrs(fin: int, fout: int) -> None:
             if name.startswith("user."):
                 with contextlib.suppress(OSError):
                     os.setxattr(fout, name, os.getxattr(fin, name))
-
-
-def _copy_dir(src_dir: int, src: str, dst_dir: int, dst: str, replace: bool, owner: Owner,
-              st: os.stat_result, uid: int, gid: int, links: HardLinks | None) -> None:
-    fin = os.open(src, _DIR, dir_fd=src_dir)
-    try:
-        created = True
-        try:
-            os.mkdir(dst, 0o700, dir_fd=dst_dir)
-        except FileExistsError:
-            created = False  # merged into, and left with its own owner, mode and times
-        fout = os.open(dst, _DIR, dir_fd=dst_dir)  # ENOTDIR where something else is
-        store = HardLinks(fout) if links is None else None  # the top directory of the copy
-        below = links if store is None else store
-        failed: OSError | None = None
-        try:
-            for name in os.listdir(fin):
-                try:
-                    copy_entry(fin, name, fout, name, replace, owner, below)
-                except FileExistsError:
-                    pass  # left as it is, as 252 leaves it
-                except OSError as e:
-                    failed = e  # the other entries are copied all the same
-            if store is not None:  # before the directory's times are set
-                store.close()
-            if created:
-                _copy_metadata(fin, fout, st, uid, gid)
-        finally:
-            if store is not None:
-                store.close()
-            os.close(fout)
-    finally:
-        os.close(fin)
-    if failed is not None:
-        raise failed
 
 
 def fork_copy(leader: int, host_dir: int, host_name: str, container_path: str, to_container: bool,

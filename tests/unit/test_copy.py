@@ -5,6 +5,7 @@ tests/e2e/inside/test_against_252.py)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -156,3 +157,56 @@ def test_only_user_xattrs_are_copied(tmp_path: Path) -> None:
         os.setxattr(tmp_path / "src", "security.dropped", b"3")
     copy(tmp_path / "src", tmp_path / "dst")
     assert os.listxattr(tmp_path / "dst") == ["user.kept"]
+
+
+def nest(top: Path, levels: int) -> None:
+    """top/a/a/.../a, `levels` directories deep, made without long paths."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(levels):
+        os.mkdir("a", dir_fd=fd)
+        inner = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(fd)
+
+
+def unnest(top: Path) -> int:
+    """Remove what nest() made, without recursion or long paths; returns the levels seen."""
+    here = os.open(".", os.O_RDONLY)
+    levels = 0
+    try:
+        os.chdir(top)
+        while os.path.isdir("a"):
+            os.chdir("a")
+            levels += 1
+        for _ in range(levels):
+            os.chdir("..")
+            os.rmdir("a")
+    finally:
+        os.fchdir(here)
+        os.close(here)
+    return levels
+
+
+def test_deep_trees_down_to_systemds_limit(tmp_path: Path) -> None:
+    """252's copy goes DEPTH_MAX (2048) levels deep and answers ENAMETOOLONG below that; a
+    recursion of Python frames or the usual 1024 fds must not stop it earlier."""
+    from machined.linux.copy import DEPTH_MAX
+
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "deep").mkdir()
+    nest(tmp_path / "ok", DEPTH_MAX - 1)
+    nest(tmp_path / "deep", DEPTH_MAX)
+    (tmp_path / "deep/sibling").write_text("copied all the same")
+    try:
+        copy(tmp_path / "ok", tmp_path / "ok-copy")
+        assert unnest(tmp_path / "ok-copy") == DEPTH_MAX - 1
+        with pytest.raises(OSError) as e:
+            copy(tmp_path / "deep", tmp_path / "deep-copy")
+        assert e.value.errno == errno.ENAMETOOLONG
+        assert (tmp_path / "deep-copy/sibling").read_text() == "copied all the same"
+        assert unnest(tmp_path / "deep-copy") == DEPTH_MAX - 1
+    finally:
+        for name in ("ok", "deep", "ok-copy", "deep-copy"):
+            if (tmp_path / name).exists():
+                unnest(tmp_path / name)
