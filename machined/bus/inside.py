@@ -10,7 +10,7 @@ import os
 import signal
 from typing import Any
 
-from ..core.envfile import parse_env_file
+from ..core.envfile import parse_env_bytes
 from ..core.errors import (
     CHILD_DIED,
     AccessDenied,
@@ -100,7 +100,7 @@ class InsideHandlers:
         else:
             raise NotSupported(
                 "Requesting OS release data is only supported on container machines.")
-        return dict(parse_env_file(raw.decode("utf-8", "replace")))
+        return dict(parse_env_bytes(raw))
 
     def get_uid_shift(self, call: Call, m: Machine) -> int:
         return self._uid_shift(m)

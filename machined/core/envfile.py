@@ -1,66 +1,143 @@
-"""Parsing of env files as systemd's parse_env_file reads them (os-release §8.2, machine-info,
-the state files of /run/systemd/machines): KEY=VALUE lines, '#'/';' comments, single or double
-quotes, backslash escapes, line continuations; lines without a valid key are skipped; pairs in
-file order."""
+"""Env files (os-release §8.2, machine-info, the state files of /run/systemd/machines) read as
+systemd 252's parse_env_file_internal() and load_env_file_pairs() read them, character by
+character; compared with the live 252 on a container's os-release.
+
+What that means: a key is whatever stands before the first "=" of a line (trailing blanks cut;
+no other check); "#" and ";" start a comment only where a key would start, and a comment goes on
+past a newline escaped with a backslash; a value is made of unquoted parts (leading and trailing
+blanks cut, a backslash escapes the next character, an escaped newline is dropped), 'single'
+quoted parts (taken as they are, newlines too) and "double" quoted parts (a backslash escapes
+" \\ ` $ and a newline and stays before anything else), run together; blanks between parts are
+dropped, and an unquoted part takes quotes literally. Both "\\n" and "\\r" end lines. A key seen
+again keeps its first place and takes the last value; a file that ends inside a value still
+gives it.
+"""
 
 from __future__ import annotations
 
-import re
+import errno
+from collections.abc import Iterator
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+from .errors import ErrnoError
+
+_NEWLINE = "\n\r"
+_WHITESPACE = " \t\n\r"
+_COMMENTS = "#;"
+_SHELL_NEED_ESCAPE = '"\\`$'
+
+(_PRE_KEY, _KEY, _PRE_VALUE, _VALUE, _VALUE_ESCAPE, _SINGLE_QUOTE, _DOUBLE_QUOTE,
+ _DOUBLE_QUOTE_ESCAPE, _COMMENT, _COMMENT_ESCAPE) = range(10)
 
 
 def parse_env_file(text: str) -> list[tuple[str, str]]:
-    pairs: list[tuple[str, str]] = []
-    for line in _logical_lines(text):
-        line = line.lstrip()
-        if not line or line[0] in "#;":
-            continue
-        key, sep, raw = line.partition("=")
-        key = key.strip()
-        if not sep or not _ENV_NAME.fullmatch(key):
-            continue
-        pairs.append((key, _value(raw.strip())))
-    return pairs
+    """The (key, value) pairs of `text`, each key once, in the order keys first appear."""
+    return list(dict(_assignments(text)).items())
 
 
-def _logical_lines(text: str) -> list[str]:
-    """Join lines ending in an unquoted backslash with the next one."""
-    out: list[str] = []
-    current = ""
-    for line in text.split("\n"):
-        if line.endswith("\\") and not line.endswith("\\\\"):
-            current += line[:-1]
-            continue
-        out.append(current + line)
-        current = ""
-    if current:
-        out.append(current)
-    return out
+def parse_env_bytes(data: bytes) -> list[tuple[str, str]]:
+    """parse_env_file() of a file's bytes, refused as 252 refuses them: a NUL byte is EBADMSG,
+    a key or value that is not UTF-8 is EINVAL."""
+    if b"\0" in data:
+        raise ErrnoError(errno.EBADMSG)
+    assignments = list(_assignments(data.decode("utf-8", "surrogateescape")))
+    for key, value in assignments:
+        if not (_is_utf8(key) and _is_utf8(value)):
+            raise ErrnoError(errno.EINVAL)
+    return list(dict(assignments).items())
 
 
-def _value(raw: str) -> str:
-    out = []
-    quote = ""
-    i = 0
-    while i < len(raw):
-        c = raw[i]
-        if quote:
-            if c == quote:
-                quote = ""
-            elif c == "\\" and quote == '"' and i + 1 < len(raw):
-                i += 1
-                out.append(raw[i])
+def _is_utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:  # surrogates: bytes that were not UTF-8
+        return False
+    return True
+
+
+def _assignments(text: str) -> Iterator[tuple[str, str]]:
+    """Every assignment in file order (repeated keys included)."""
+    state = _PRE_KEY
+    key: list[str] = []
+    value: list[str] = []
+    key_blank_from: int | None = None  # where the key's trailing blanks start
+    value_blank_from: int | None = None  # the same for an unquoted value
+
+    def assignment(chomp: bool) -> tuple[str, str]:
+        k = "".join(key if key_blank_from is None else key[:key_blank_from])
+        v = value if not chomp or value_blank_from is None else value[:value_blank_from]
+        return k, "".join(v)
+
+    for c in text:
+        if state == _PRE_KEY:
+            if c in _COMMENTS:
+                state = _COMMENT
+            elif c not in _WHITESPACE:
+                state, key, key_blank_from = _KEY, [c], None
+        elif state == _KEY:
+            if c in _NEWLINE:
+                state = _PRE_KEY  # a line without "=": nothing
+            elif c == "=":
+                state, value, value_blank_from = _PRE_VALUE, [], None
             else:
-                out.append(c)
-        elif c in "'\"":
-            quote = c
-        elif c == "\\" and i + 1 < len(raw):
-            i += 1
-            out.append(raw[i])
-        elif c == "#" and (not out or out[-1].isspace()):
-            break  # a trailing comment after whitespace
-        else:
-            out.append(c)
-        i += 1
-    return "".join(out).rstrip() if not quote else "".join(out)
+                if c not in _WHITESPACE:
+                    key_blank_from = None
+                elif key_blank_from is None:
+                    key_blank_from = len(key)
+                key.append(c)
+        elif state == _PRE_VALUE:
+            if c in _NEWLINE:
+                yield assignment(chomp=False)
+                state = _PRE_KEY
+            elif c == "'":
+                state = _SINGLE_QUOTE
+            elif c == '"':
+                state = _DOUBLE_QUOTE
+            elif c == "\\":
+                state = _VALUE_ESCAPE
+            elif c not in _WHITESPACE:
+                state = _VALUE
+                value.append(c)
+        elif state == _VALUE:
+            if c in _NEWLINE:
+                yield assignment(chomp=True)
+                state = _PRE_KEY
+            elif c == "\\":
+                state, value_blank_from = _VALUE_ESCAPE, None
+            else:
+                if c not in _WHITESPACE:
+                    value_blank_from = None
+                elif value_blank_from is None:
+                    value_blank_from = len(value)
+                value.append(c)
+        elif state == _VALUE_ESCAPE:
+            state = _VALUE
+            if c not in _NEWLINE:  # an escaped newline is dropped
+                value.append(c)
+        elif state == _SINGLE_QUOTE:
+            if c == "'":
+                state = _PRE_VALUE
+            else:
+                value.append(c)
+        elif state == _DOUBLE_QUOTE:
+            if c == '"':
+                state = _PRE_VALUE
+            elif c == "\\":
+                state = _DOUBLE_QUOTE_ESCAPE
+            else:
+                value.append(c)
+        elif state == _DOUBLE_QUOTE_ESCAPE:
+            state = _DOUBLE_QUOTE
+            if c in _SHELL_NEED_ESCAPE:
+                value.append(c)
+            elif c != "\n":  # the backslash stays, as in the shell
+                value += ("\\", c)
+        elif state == _COMMENT:
+            if c == "\\":
+                state = _COMMENT_ESCAPE
+            elif c in _NEWLINE:
+                state = _PRE_KEY
+        else:  # _COMMENT_ESCAPE: whatever follows, newline too, is still the comment (252)
+            state = _COMMENT
+    if state in (_PRE_VALUE, _VALUE, _VALUE_ESCAPE, _SINGLE_QUOTE, _DOUBLE_QUOTE,
+                 _DOUBLE_QUOTE_ESCAPE):
+        yield assignment(chomp=state == _VALUE)

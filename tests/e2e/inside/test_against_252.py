@@ -184,6 +184,40 @@ def test_facts_of_the_container(pair: Pair) -> None:
     same(answers)
 
 
+# os-release files the two must read alike (252's env-file parser is a character state machine).
+OS_RELEASES = [
+    b"ID=plain\nNAME=\"Quoted Name\"\n# comment\n; comment\nPRETTY='single'\n",
+    b"C='mi'x\"ed\"\nD=\"a\\nb\\$c\\\"d\"\nE='p\\\nq'\nF=one\\\n  two\n",
+    b"export A=1\n1A=x\nA-B=y\nA B=two words\n  LEAD=1\nTRAIL  =2\n=x\n==y\nNOVALUE\n",
+    b"B=\"val  \"  \nA=val # comment\nC=\"q\" # c\nH=#not\nI= #x\nJ='q' tail\n",
+    b"# comment \\\nSTILL=comment\nX=1\nX=2\nA=\"open\nB=2\n",
+    b"A=1\rB=2\r\nC=3",
+    b"\xef\xbb\xbfA=1\nB=2\n",
+    b"B=\xff\xfe\n",  # not UTF-8: refused
+    b"A=1\nB=a\0b\n",  # a NUL byte: refused
+    b"",  # a directory there instead
+]
+
+
+@pytest.mark.parametrize("content", OS_RELEASES, ids=range(len(OS_RELEASES)))
+def test_os_release_read_as_252(pair: Pair, content: bytes) -> None:
+    etc = pair.root / "etc/os-release"
+    saved = os.readlink(etc)
+    etc.unlink()
+    try:
+        if content:
+            etc.write_bytes(content)
+        else:
+            etc.mkdir()  # not a file: both fail alike
+        same(both(pair, "GetMachineOSRelease", "s", pair.ct.name))
+    finally:
+        if etc.is_dir():
+            etc.rmdir()
+        else:
+            etc.unlink(missing_ok=True)
+        etc.symlink_to(saved)
+
+
 def test_root_directory_and_pty(pair: Pair) -> None:
     n = pair.ct.name
     fds = []
