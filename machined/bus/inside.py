@@ -78,7 +78,7 @@ class InsideHandlers:
             return 0
         if not self._is_container(m):
             raise NotSupported("UID/GID shift may only be determined for container machines.")
-        return shift_of(m.name, facts.read_id_map(m.leader, "uid_map"),
+        return shift_of(facts.read_id_map(m.leader, "uid_map"),
                         facts.read_id_map(m.leader, "gid_map"))
 
     # ---------------------------------------------------------------- facts (no authorization)
@@ -103,7 +103,13 @@ class InsideHandlers:
         return dict(parse_env_bytes(raw))
 
     def get_uid_shift(self, call: Call, m: Machine) -> int:
-        return self._uid_shift(m)
+        try:
+            return self._uid_shift(m)
+        except ErrnoError as e:  # only GetUIDShift words it; copies and binds say ENXIO
+            if e.errno != errno.ENXIO:
+                raise
+            raise NotSupported(f"Machine {m.name} uses a complex UID/GID mapping, cannot "
+                               "determine shift") from None
 
     def map_from_machine(self, kind: str, name: str, inner: int) -> int:
         check_id(inner, kind)

@@ -45,13 +45,13 @@ def check_id(value: int, what: str) -> None:
         raise InvalidArgs(f"Invalid {what} ID {value}")
 
 
-def shift_of(name: str, uid_map: str | None, gid_map: str | None) -> int:
+def shift_of(uid_map: str | None, gid_map: str | None) -> int:
     """The single shift of a container mapping 0..65535+ in one line, identical for GIDs;
-    0 when there is no map (no user namespace support: IDs are the host's)."""
+    0 when there is no map (no user namespace support: IDs are the host's). Any other mapping
+    is a bare ENXIO, as 252's machine_get_uid_shift() answers (GetUIDShift words it)."""
     if uid_map is None:
         return 0
-    complex_map = ErrnoError(errno.ENXIO, f"Machine {name} uses a complex UID/GID mapping, "
-                                          "cannot determine shift")
+    complex_map = ErrnoError(errno.ENXIO)
     uids = parse_map(uid_map)
     if not uids:
         raise ErrnoError(errno.EBADMSG)
@@ -80,5 +80,8 @@ def map_to(outer: int, lines: Sequence[MapLine]) -> int | None:
         if line.shift == 0:
             continue
         if line.shift <= outer < line.shift + line.range:
-            return outer - line.shift + line.base
+            inner = outer - line.shift + line.base
+            if not uid_is_valid(inner):  # 65535 inside, say
+                raise ErrnoError(errno.EINVAL)
+            return inner
     return None

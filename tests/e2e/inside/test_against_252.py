@@ -28,7 +28,8 @@ from tests.helpers.client import MANAGER as MGR
 from tests.helpers.client import MANAGER_PATH as M
 from tests.helpers.client import PROPERTIES as PROPS
 from tests.helpers.client import connect, outcome
-from tests.helpers.daemon import Machined, have, wait_for
+from tests.helpers.daemon import Machined, cgroup2_mount, have, wait_for
+from tests.helpers.leaders import CgroupLeaders
 from tests.helpers.real252 import (
     REAL_MACHINED,
     RealMachined,
@@ -36,6 +37,7 @@ from tests.helpers.real252 import (
     host_dirs,
     map_strings,
 )
+from tests.helpers.userns import spawn_userns_leader
 
 from ..support import Nspawn, Processes
 from .support import Containers, busybox_copy
@@ -167,6 +169,7 @@ def test_facts_of_the_container(pair: Pair) -> None:
                               ("KillMachine", "ssi", (n, "leader", 0)),
                               ("MapFromMachineUser", "su", (n, 70000)),
                               ("MapToMachineUser", "u", (pair.shift + 1000,)),
+                              ("MapToMachineUser", "u", (pair.shift + 65535,)),  # 65535 in
                               ("MapToMachineGroup", "u", (pair.shift + 5,)),
                               ("MapToMachineUser", "u", (4_000_000_000,))):
         same(both(pair, member, sig, *args))
@@ -216,6 +219,35 @@ def test_os_release_read_as_252(pair: Pair, content: bytes) -> None:
         else:
             etc.unlink(missing_ok=True)
         etc.symlink_to(saved)
+
+
+def test_a_complex_id_mapping(pair: Pair) -> None:
+    """A leader whose user namespace maps two ranges: GetMachineUIDShift says it is complex,
+    copies and bind mounts get 252's bare ENXIO, the maps still go line by line."""
+    if pair.userns:
+        return  # once is enough
+    leaders = CgroupLeaders()
+    scope = Path(cgroup2_mount()) / "machine.slice/cplxtest.scope"
+    leaders.track(scope)
+    idmap = "0 100000 65536\n65536 400000 10\n"
+    try:
+        leader = spawn_userns_leader(scope, idmap, idmap)
+        for conn in pair.conns.values():
+            assert outcome(conn, M, MGR, "RegisterMachine", "sayssus", "cplx", b"", "test",
+                           "container", leader, "/")[0] == "ok"
+        host = pair.host
+        for member, sig, args in (
+                ("GetMachineUIDShift", "s", ("cplx",)),
+                ("CopyToMachine", "sss", ("cplx", f"{host}/file", "/tmp/cplx-{who}")),
+                ("CopyFromMachine", "sss", ("cplx", "/etc/hostname", f"{host}/cplx-{{who}}")),
+                ("BindMountMachine", "sssbb", ("cplx", f"{host}/dir", "/mnt/cplx", False, True)),
+                ("MapToMachineUser", "u", (400005,)),
+                ("MapFromMachineUser", "su", ("cplx", 65540))):
+            same(both(pair, member, sig, *args))
+    finally:
+        for conn in pair.conns.values():
+            outcome(conn, M, MGR, "UnregisterMachine", "s", "cplx")
+        leaders.close()
 
 
 def test_root_directory_and_pty(pair: Pair) -> None:
