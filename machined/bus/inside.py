@@ -26,8 +26,8 @@ from ..core.errors import (
 from ..core.machine import Machine, MachineClass
 from ..core.operations import Operations
 from ..core.registry import Registry
-from ..core.uidmap import check_id, map_from, map_to, parse_map, shift_of
-from ..core.validate import bind_args, copy_args, shell_args
+from ..core.uidmap import check_id, map_from, map_to, parse_map, shift_of, uid_is_valid
+from ..core.validate import bind_args, copy_args, shell_args, split_path
 from ..linux import cgroups, copy, facts, terminal
 from ..linux import namespaces as ns
 from ..linux.bindmount import bind_mount
@@ -141,6 +141,8 @@ class InsideHandlers:
                 continue
             inner = map_to(outer, lines)
             if inner is not None:
+                if not uid_is_valid(inner):  # 65535 inside, say: 252 answers EINVAL
+                    raise ErrnoError(errno.EINVAL)
                 return m.name, m.path, inner
         raise error(f"No matching {kind} mapping for {outer}.")
 
@@ -219,11 +221,11 @@ class InsideHandlers:
         host_path, container_path = ((source, destination) if to_container
                                      else (destination, source))
         for path in (host_path, container_path):
-            name = os.path.basename(path.rstrip("/"))
-            if not name or name in (".", ".."):
-                raise ErrnoError(errno.EADDRNOTAVAIL,
-                                 f"Failed to extract file name of '{path}' path: "
-                                 f"{os.strerror(errno.EADDRNOTAVAIL)}")
+            try:
+                split_path(path)
+            except ErrnoError as e:
+                raise ErrnoError(e.errno, f"Failed to extract file name of '{path}' path: "
+                                          f"{os.strerror(e.errno)}") from None
         try:
             host_dir, host_name = copy.open_parent(host_path)
         except OSError as e:

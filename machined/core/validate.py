@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import re
 from dataclasses import dataclass
 
-from .errors import InvalidArgs
+from .errors import ErrnoError, InvalidArgs
 from .machine import MachineClass
 from .names import machine_name_is_valid
 
@@ -135,3 +136,26 @@ def copy_args(source: str, destination: str, flags: int) -> tuple[str, str, bool
     elif not destination.startswith("/"):
         raise InvalidArgs("Destination path must be absolute.")
     return source, destination, bool(flags & COPY_REPLACE)
+
+
+PATH_MAX = 4096
+NAME_MAX = 255
+
+
+def split_path(path: str) -> tuple[str, str]:
+    """(directory, file name) of an absolute path, as 252's path_extract_directory() and
+    path_extract_filename() split it: trailing slashes and "." components are passed over
+    ("/srv/dir/." is "dir" in "/srv"); a last component ".." is EINVAL, and so is a path of
+    PATH_MAX bytes or more or a component longer than NAME_MAX; "/" has no file name
+    (EADDRNOTAVAIL)."""
+    parts = path.split("/")
+    if (not path or len(path.encode()) >= PATH_MAX
+            or any(len(part.encode()) > NAME_MAX for part in parts)):
+        raise ErrnoError(errno.EINVAL)
+    while parts and parts[-1] in ("", "."):
+        parts.pop()
+    if not any(parts):
+        raise ErrnoError(errno.EADDRNOTAVAIL)
+    if parts[-1] == "..":
+        raise ErrnoError(errno.EINVAL)
+    return "/".join(parts[:-1]).rstrip("/") or "/", parts[-1]

@@ -29,6 +29,7 @@ import stat
 import sys
 from dataclasses import dataclass
 
+from ..core.validate import split_path
 from . import namespaces as ns
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -45,11 +46,9 @@ class Owner:
 
 
 def open_parent(path: str) -> tuple[int, str]:
-    """(fd of the parent directory, last component) of an absolute, normalized path."""
-    parent, name = os.path.split(path.rstrip("/"))
-    if not name or name in (".", ".."):
-        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-    return os.open(parent or "/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), name
+    """(fd of the directory, file name) of an absolute path that split_path() accepts."""
+    parent, name = split_path(path)
+    return os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), name
 
 
 def copy_entry(src_dir: int, src: str, dst_dir: int, dst: str, replace: bool,

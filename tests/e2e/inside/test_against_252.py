@@ -288,11 +288,19 @@ def test_copies(pair: Pair) -> None:
         ("CopyFromMachine", "sss", (n, "/tmp/dir-{who}", f"{host}/back-{{who}}")),
         ("CopyFromMachine", "sss", (n, "/nonexistent", f"{host}/x-{{who}}")),
         ("CopyFromMachine", "sss", (n, "/etc/hostname", f"{host}/no/such/x-{{who}}")),
+        # file names as 252's path_extract_filename() finds them
+        ("CopyToMachine", "sss", (n, f"{host}/dir/.", "/tmp/dot-{who}/.")),
+        ("CopyToMachine", "sss", (n, f"{host}/dir/..", "/tmp/up-{who}")),
+        ("CopyToMachine", "sss", (n, f"{host}/file", "/tmp/.")),
+        ("CopyToMachine", "sss", (n, f"{host}/file", "/tmp/..")),
+        ("CopyToMachine", "sss", (n, f"{host}/{'x' * 256}", "/tmp/long-{who}")),
+        ("CopyFromMachine", "sss", (n, "/" + "d/" * 2048 + "f", f"{host}/long-{{who}}")),
+        ("CopyFromMachine", "sss", (n, "/", f"{host}/root-{{who}}")),
     ]
     for member, sig, args in steps:
         same(both(pair, member, sig, *args))
     inside = pair.root / "tmp"
-    for name in ("file", "dir"):
+    for name in ("file", "dir", "dot"):
         assert tree_of(inside / f"{name}-real") == tree_of(inside / f"{name}-ours"), name
     for name in ("hostname", "back"):
         assert tree_of(host / f"{name}-real") == tree_of(host / f"{name}-ours"), name
