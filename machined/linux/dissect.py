@@ -20,10 +20,12 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 
-from ..core.envfile import parse_env_file
+from ..core.envfile import parse_env_bytes
+from ..core.errors import ErrnoError
 from ..core.images import Metadata, parse_hostname, parse_machine_id
 from . import fs as lfs
 
+READ_MAX = 4 * 1024 * 1024 - 1  # systemd's READ_FULL_BYTES_MAX
 GENERIC_LINUX = uuid.UUID("0fc63daf-8483-4772-8e79-3d69d8477de4")
 # Discoverable Partitions Specification: root and /usr types per architecture.
 ROOT_TYPES = {
@@ -102,28 +104,50 @@ def _has_file_system(path: str) -> bool:
     return out.stdout.strip() in ("filesystem", "crypto")
 
 
-def tree_metadata(root: str) -> Metadata:
+def tree_metadata(root: str, raw_image: bool = False) -> Metadata:
     """hostname, machine-id, machine-info and os-release of an image tree, symlinks resolved
-    inside it; every missing or broken item is left empty."""
+    inside it, as 252 reads them: an item that is missing, unreadable or malformed is left
+    empty (252 logs and ignores it), except that an os-release in a raw image that is there but
+    cannot be read fails the whole reading (`raw_image`: the tree of a mounted raw image)."""
 
-    def read(rel: str) -> str | None:
+    def read(rel: str) -> bytes | None:
         try:
-            return lfs.read_in_root(root, rel)
-        except (OSError, UnicodeError):
+            fd = lfs.open_in_root(root, rel)
+            with os.fdopen(fd, "rb") as f:
+                return f.read(READ_MAX)
+        except OSError:
             return None
+
+    def pairs(data: bytes | None) -> tuple[tuple[str, str], ...]:
+        try:
+            return tuple(parse_env_bytes(data)) if data is not None else ()
+        except ErrnoError:
+            return ()
 
     hostname = read("/etc/hostname")
     machine_id = read("/etc/machine-id")
-    info = read("/etc/machine-info")
-    osrel = read("/etc/os-release")
-    if osrel is None:
-        osrel = read("/usr/lib/os-release")
     return Metadata(
-        parse_hostname(hostname) if hostname else "",
-        parse_machine_id(machine_id) if machine_id else b"",
-        tuple(parse_env_file(info)) if info else (),
-        tuple(parse_env_file(osrel)) if osrel else (),
+        parse_hostname(hostname.decode("utf-8", "replace")) if hostname is not None else "",
+        parse_machine_id(machine_id, first_line=raw_image) if machine_id is not None else b"",
+        pairs(read("/etc/machine-info")),
+        pairs(_os_release(root, raw_image)),
     )
+
+
+def _os_release(root: str, raw_image: bool) -> bytes | None:
+    """/etc/os-release, or /usr/lib/os-release only when the former does not exist."""
+    for rel in ("/etc/os-release", "/usr/lib/os-release"):
+        try:
+            fd = lfs.open_in_root(root, rel)
+            with os.fdopen(fd, "rb") as f:
+                return f.read(READ_MAX)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            if raw_image:
+                raise
+            return None
+    return None
 
 
 def read_metadata(path: str) -> Metadata:
@@ -184,7 +208,7 @@ def _child(argv: list[str]) -> int:
             os.makedirs(usr, exist_ok=True)
             _mount(image, uoff, usize, usr)
             mounted.append(usr)
-        md = tree_metadata(top)
+        md = tree_metadata(top, raw_image=True)
         print(json.dumps({"hostname": md.hostname, "machine_id": md.machine_id.hex(),
                           "machine_info": md.machine_info, "os_release": md.os_release}))
         return 0

@@ -1,5 +1,6 @@
 """File system calls Python 3.11 lacks: statx birth time, statfs type, inode flags
-(chattr), renameat2(RENAME_NOREPLACE), openat2(RESOLVE_IN_ROOT) and block-device ioctls."""
+(chattr), renameat2(RENAME_NOREPLACE), openat2(RESOLVE_IN_ROOT), block-device ioctls and the
+mount table."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import re
 import struct
 import threading
 from functools import cache
@@ -60,6 +62,7 @@ def is_btrfs(path: str) -> bool:
 
 _STATX_BASIC = 0x7FF
 _STATX_ATTR_IMMUTABLE = 0x10
+_STATX_ATTR_MOUNT_ROOT = 0x2000
 # statx up to stx_dev_minor: mask, blksize, attributes, nlink, uid, gid, mode, ino, size,
 # blocks, attributes_mask, (atime), btime, (ctime), mtime, rdev, dev
 _STATX = struct.Struct("=IIQIIIH2xQQQQ16xqI4x16xqI4xIIII")
@@ -76,16 +79,17 @@ class Statx(NamedTuple):
     mtime_usec: int
     btime_usec: int  # 0: not recorded
     immutable: bool | None  # None: the file system does not say
+    mount_root: bool | None  # None: the kernel does not say
 
 
-def statx(path: str, follow: bool = True) -> Statx:
+def statx(path: str, follow: bool = True, dir_fd: int = AT_FDCWD) -> Statx:
     """One statx() call for what os.stat, the birth time and the immutable flag would take
-    several calls for."""
+    several calls for; `path` relative to `dir_fd` if that is given."""
     buf = getattr(_buffers, "statx", None)
     if buf is None:
         buf = _buffers.statx = ctypes.create_string_buffer(256)
     flags = 0 if follow else 0x100  # AT_SYMLINK_NOFOLLOW
-    if _libc().statx(AT_FDCWD, path.encode(), flags, _STATX_BASIC | _STATX_BTIME, buf) < 0:
+    if _libc().statx(dir_fd, os.fsencode(path), flags, _STATX_BASIC | _STATX_BTIME, buf) < 0:
         _check(-1, path)
     (mask, _blksize, attrs, _nlink, _uid, _gid, mode, ino, size, blocks, attrs_mask,
      bsec, bnsec, msec, mnsec, rdev_major, rdev_minor, dev_major,
@@ -95,8 +99,10 @@ def statx(path: str, follow: bool = True) -> Statx:
         btime = bsec * 1_000_000 + bnsec // 1000
     immutable = bool(attrs & _STATX_ATTR_IMMUTABLE) if attrs_mask & _STATX_ATTR_IMMUTABLE \
         else None
+    mount_root = bool(attrs & _STATX_ATTR_MOUNT_ROOT) if attrs_mask & _STATX_ATTR_MOUNT_ROOT \
+        else None
     return Statx(mode, ino, os.makedev(dev_major, dev_minor), os.makedev(rdev_major, rdev_minor),
-                 size, blocks, msec * 1_000_000 + mnsec // 1000, btime, immutable)
+                 size, blocks, msec * 1_000_000 + mnsec // 1000, btime, immutable, mount_root)
 
 
 def birth_time_usec(path: str, follow: bool = True) -> int:
@@ -134,7 +140,8 @@ def is_immutable(path: str) -> bool:
 
 
 def set_immutable(path: str, on: bool) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY | os.O_NOFOLLOW)
+    # 252's chattr: O_NOFOLLOW without O_DIRECTORY, so a symlink is ELOOP (not ENOTDIR)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
     try:
         set_inode_flag(fd, FS_IMMUTABLE_FL, on)
     finally:
@@ -171,12 +178,6 @@ def open_in_root(root: str, relpath: str) -> int:
         os.close(rootfd)
 
 
-def read_in_root(root: str, relpath: str, limit: int = 1 << 20) -> str:
-    fd = open_in_root(root, relpath)
-    with os.fdopen(fd, "rb") as f:
-        return f.read(limit).decode("utf-8", errors="replace")
-
-
 def block_size(fd: int) -> int:
     buf = array.array("Q", [0])
     fcntl.ioctl(fd, BLKGETSIZE64, buf, True)
@@ -199,3 +200,16 @@ def mount_read_only(path: str) -> bool:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except OSError:
         return False
+
+
+def _unescape_mount_path(raw: bytes) -> str:
+    # mountinfo writes space, tab, newline and backslash as octal escapes
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), raw))
+
+
+def mounts_below(path: str) -> list[str]:
+    """The mount points strictly below `path` (a canonical path) in this mount namespace."""
+    prefix = path.rstrip("/") + "/"
+    with open("/proc/self/mountinfo", "rb") as f:
+        points = [_unescape_mount_path(line.split()[4]) for line in f]
+    return [p for p in points if p.startswith(prefix)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from tests.helpers.client import MANAGER as MGR
 from tests.helpers.client import MANAGER_PATH as M
 from tests.helpers.client import PROPERTIES as PROPS
 from tests.helpers.client import connect, outcome
-from tests.helpers.images import Pool
+from tests.helpers.images import Pool, make_tree
 from tests.helpers.real252 import (
     REAL_MACHINED,
     difference,
@@ -188,3 +189,54 @@ def test_side_files(pair: Pair) -> None:
             for who, pool in pair.pools.items()}
     assert left["real"] == left["ours"], left
     assert not differ, "\n".join(differ)
+
+
+# Contents of an image's /etc files that both must read alike (252's env-file parser, hostname
+# clean-up, machine-id rules): for each, a directory image and a raw image of that tree.
+HEX = "0123456789abcdef0123456789abcdef"
+METADATA = [
+    {"os-release": b"ID=foo # trailing\nNAME=\"quoted\" # c\nF=a\"b\"c\nB=\"x \\n y\"\n"
+                   b"D=\"multi\nline\"\n1KEY=a\nK-Y=d\nexport EX=1\n",
+     "hostname": b"Foo_Bar\n", "machine-id": HEX.encode() + b"\n\n"},
+    {"os-release": b"ID=\xff\n", "machine-info": b"K\xff=1\nID=ok\n",
+     "hostname": b"a..b.\n", "machine-id": HEX.encode()},
+    {"os-release": b"ID=a\x00b\n", "machine-info": b"PRETTY='p q'\n",
+     "hostname": b"# c\n\n-lead\n", "machine-id": b" " + HEX.encode() + b"\n"},
+    {"os-release": None, "hostname": b"two words" + b"x" * 70 + b"\n",
+     "machine-id": HEX.encode() + b" \n"},  # /etc/os-release a directory: not /usr/lib's
+]
+
+
+@pytest.mark.parametrize("files", METADATA, ids=range(len(METADATA)))
+def test_metadata_read_as_252(pair: Pair, files: dict[str, bytes | None]) -> None:
+    tag = f"md{METADATA.index(files)}"
+    made: list[Path] = []
+    for pool in pair.pools.values():
+        tree = pool.parent / f"src-{tag}"
+        made.append(tree)
+        make_tree(tree)
+        (tree / "etc/os-release").unlink()
+        for name, content in files.items():
+            (tree / "etc" / name).unlink(missing_ok=True)
+            if content is None:
+                (tree / "etc" / name).mkdir()
+            else:
+                (tree / "etc" / name).write_bytes(content)
+        subprocess.run(["cp", "-a", str(tree), str(pool / tag)], check=True)
+        raw = pool / f"{tag}r.raw"
+        made += [pool / tag, raw]
+        subprocess.run(["truncate", "-s", "8M", str(raw)], check=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(raw)], check=True)
+    try:
+        for name in (tag, f"{tag}r"):
+            for member in ("GetImageHostname", "GetImageMachineID", "GetImageMachineInfo",
+                           "GetImageOSRelease"):
+                answers = both(pair, M, MGR, member, "s", name)
+                assert answers["real"] == answers["ours"], \
+                    difference(f"{member} {name}", answers["real"], answers["ours"])
+    finally:
+        for path in made:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)

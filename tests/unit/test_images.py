@@ -88,9 +88,17 @@ def test_parse_env_file() -> None:
 
 
 def test_hostname_and_machine_id() -> None:
+    # the first line that is not empty and does not start with "#", cleaned up (252's)
     assert parse_hostname("# c\n\n tiny \n") == "tiny"
-    assert parse_hostname("bad_name\n") == ""
-    assert parse_machine_id("0123456789abcdef0123456789abcdef\n") == bytes.fromhex(
-        "0123456789abcdef0123456789abcdef")
-    assert parse_machine_id("0" * 32) == b""
-    assert parse_machine_id("xyz") == b""
+    for text, name in (("bad_name\n", "badname"), ("a..b.\n", "a.b"), ("-lead", "lead"),
+                       ("a-.b", "a-b"), ("two words", "twowords"), ("münchen", "mnchen"),
+                       ("x" * 70, "x" * 64), ("   \nnext\n", ""), ("a--\n", "")):
+        assert parse_hostname(text) == name, text
+    one = b"0123456789abcdef0123456789abcdef"
+    for data, directory, raw in ((one + b"\n", True, True), (one, True, False),
+                                 (one + b"\n\n", False, True), (b" " + one + b"\n", False, False),
+                                 (one + b" \n", False, False), (b"0" * 32 + b"\n", False, False),
+                                 (b"xyz", False, False)):
+        assert parse_machine_id(data) == (bytes.fromhex(one.decode()) if directory else b"")
+        assert parse_machine_id(data, first_line=True) == (
+            bytes.fromhex(one.decode()) if raw else b""), data
