@@ -48,12 +48,16 @@ waitfor 20 busctl status org.freedesktop.machine1 || fail "no daemon"
 running() { machinectl list --no-legend | grep -q "^nested "; }
 prop() { busctl get-property org.freedesktop.machine1 /org/freedesktop/machine1/machine/nested \
              org.freedesktop.machine1.Machine "$1"; }
+# the payload handles SIGTERM (a PID 1 without its handler yet would ignore it)
+trapping() { local l; l=$(prop Leader | cut -d' ' -f2)
+             (( 0x$(awk '/^SigCgt/ {print $2}' "/proc/$l/status") & 0x4000 )); }
 
 # without --keep-unit: CreateMachine, the daemon makes machine.slice/machine-nested.scope
 systemd-nspawn -q --register=yes -D "$TREE" -M nested /bin/sh -c "$PAYLOAD" \
     > "$WORK/nspawn1.log" 2>&1 &
 NSPAWN=$!
 waitfor 20 running || fail "not registered: $(cat "$WORK/nspawn1.log")"
+waitfor 10 trapping || fail "no SIGTERM handler"
 echo "@@ unit $(prop Unit)"
 echo "@@ leader-cgroup $(grep '^0::' "/proc/$(prop Leader | cut -d' ' -f2)/cgroup")"
 machinectl terminate nested || fail "terminate"
@@ -68,6 +72,7 @@ mkdir "$CG/nspawn-nested.service"
     > "$WORK/nspawn2.log" 2>&1 &
 NSPAWN=$!
 waitfor 20 running || fail "not registered: $(cat "$WORK/nspawn2.log")"
+waitfor 10 trapping || fail "no SIGTERM handler"
 echo "@@ unit $(prop Unit)"
 machinectl terminate nested || fail "terminate"
 waitfor 20 sh -c "! kill -0 $NSPAWN" || fail "nspawn still runs"
