@@ -43,26 +43,26 @@ def subvolume_read_only(path: str) -> bool:
         os.close(fd)
 
 
+def set_subvolume_read_only_fd(fd: int, on: bool) -> None:
+    flags = _subvol_flags(fd)
+    new = flags | BTRFS_SUBVOL_RDONLY if on else flags & ~BTRFS_SUBVOL_RDONLY
+    if new != flags:
+        fcntl.ioctl(fd, BTRFS_IOC_SUBVOL_SETFLAGS, array.array("Q", [new]))
+
+
 def set_subvolume_read_only(path: str, on: bool) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        flags = _subvol_flags(fd)
-        new = flags | BTRFS_SUBVOL_RDONLY if on else flags & ~BTRFS_SUBVOL_RDONLY
-        if new != flags:
-            fcntl.ioctl(fd, BTRFS_IOC_SUBVOL_SETFLAGS, array.array("Q", [new]))
+        set_subvolume_read_only_fd(fd, on)
     finally:
         os.close(fd)
 
 
-def destroy_subvolume(path: str) -> None:
-    """Delete a subvolume (not its nested subvolumes: ENOTEMPTY then)."""
-    parent, name = os.path.split(path.rstrip("/"))
-    fd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        args = bytearray(struct.pack("q4088s", 0, os.fsencode(name)))
-        fcntl.ioctl(fd, BTRFS_IOC_SNAP_DESTROY, args, True)
-    finally:
-        os.close(fd)
+def destroy_subvolume_at(dir_fd: int, name: str) -> None:
+    """Delete the subvolume `name` in the directory `dir_fd`, contents and all, read-only or
+    not; ENOTEMPTY while it holds nested subvolumes, ENOTTY/EINVAL if it is none."""
+    args = bytearray(struct.pack("q4088s", 0, os.fsencode(name)))
+    fcntl.ioctl(dir_fd, BTRFS_IOC_SNAP_DESTROY, args, True)
 
 
 def _btrfs(*args: str) -> subprocess.CompletedProcess[str]:
@@ -90,7 +90,8 @@ def create_subvolume(path: str) -> None:
 
 def snapshot(source: str, dest: str, read_only: bool) -> None:
     """Snapshot a subvolume and, in place of the empty directories a snapshot leaves for them,
-    its nested subvolumes; read-only (the top only) once complete."""
+    its nested subvolumes; each read-only (as 252 makes them) once what is below it is in
+    place."""
     _run("subvolume", "snapshot", source, dest)
     for dirpath, dirnames, _files in os.walk(source):
         for d in list(dirnames):
@@ -101,7 +102,7 @@ def snapshot(source: str, dest: str, read_only: bool) -> None:
                 target = os.path.join(dest, os.path.relpath(sub, source))
                 with contextlib.suppress(FileNotFoundError):
                     os.rmdir(target)
-                snapshot(sub, target, read_only=False)
+                snapshot(sub, target, read_only)
     if read_only:
         set_subvolume_read_only(dest, True)
 

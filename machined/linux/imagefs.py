@@ -13,9 +13,7 @@ import stat
 import struct
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from types import TracebackType
-from typing import Any
+from collections.abc import Iterable, Iterator
 
 from ..core.errors import ErrnoError, NotSupported
 from ..core.images import (
@@ -35,6 +33,7 @@ from . import fs as lfs
 from .imagecache import ScanCache
 from .imagelock import name_lock, path_lock
 from .process import dies_with_daemon
+from .rmtree import remove_tree
 
 CRTIME_XATTR = "user.crtime_usec"
 QUOTA_ONLY_ON_BTRFS = "Quota is only supported on btrfs."
@@ -211,49 +210,6 @@ def read_metadata(image: Image) -> Metadata:
 
 
 # ------------------------------------------------------------------ removing
-def _remove_tree(path: str) -> None:
-    """Delete a directory tree on one file system, nested btrfs subvolumes included."""
-    top = os.lstat(path)
-
-    def onerror(func: Callable[..., Any], p: str,
-                exc_info: tuple[type[BaseException], BaseException, TracebackType]) -> None:
-        exc = exc_info[1]
-        if isinstance(exc, FileNotFoundError):
-            return
-        if (func in (os.rmdir, os.unlink) and isinstance(exc, OSError)
-                and exc.errno in (errno.EPERM, errno.ENOTEMPTY, errno.EBUSY)
-                and lfs.is_btrfs(p) and os.lstat(p).st_ino == btrfs.SUBVOLUME_INODE):
-            _remove_subvolume(p)
-            return
-        raise exc
-
-    for dirpath, dirnames, _files in os.walk(path):
-        for d in list(dirnames):
-            sub = os.path.join(dirpath, d)
-            st = os.lstat(sub)
-            if st.st_dev != top.st_dev and not (st.st_ino == btrfs.SUBVOLUME_INODE
-                                                and lfs.is_btrfs(sub)):
-                raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), sub)  # a mount point
-    shutil.rmtree(path, onerror=onerror)
-
-
-def _remove_subvolume(path: str) -> None:
-    with contextlib.suppress(OSError):
-        btrfs.set_subvolume_read_only(path, False)
-    try:
-        btrfs.destroy_subvolume(path)
-    except OSError as e:
-        if e.errno != errno.ENOTEMPTY:
-            raise
-        for entry in os.listdir(path):  # nested subvolumes first
-            sub = os.path.join(path, entry)
-            if os.path.isdir(sub) and not os.path.islink(sub):
-                _remove_tree(sub)
-            else:
-                os.unlink(sub)
-        btrfs.destroy_subvolume(path)
-
-
 def _remove_image_files(image: Image) -> None:
     if image.type is ImageType.SUBVOLUME:
         try:
@@ -261,14 +217,14 @@ def _remove_image_files(image: Image) -> None:
             return
         except IsADirectoryError:
             pass
-        _remove_subvolume(image.path)
+        remove_tree(image.path)
     elif image.type is ImageType.DIRECTORY:
         if os.path.islink(image.path):
             os.unlink(image.path)
             return
         with contextlib.suppress(OSError):
             lfs.set_immutable(image.path, False)
-        _remove_tree(image.path)
+        remove_tree(image.path)
     elif image.type is ImageType.BLOCK:
         if not image.path.startswith("/dev/"):
             os.unlink(image.path)
@@ -338,6 +294,30 @@ def _cp(*args: str) -> None:
         raise OSError(err, f"cp: {out.stderr.strip()}")
 
 
+class _Top:
+    """The top directory of a copy as it was made: 252 copies into it, so the source's top
+    lends it nothing (mode, owner, xattrs, ACLs, times)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.stat = os.lstat(path)
+        self.xattrs = {k: os.getxattr(path, k, follow_symlinks=False)
+                       for k in os.listxattr(path, follow_symlinks=False)}
+
+    def restore(self) -> None:
+        """Undo what `cp -a` gave the top; its mtime is now, when the copy ended."""
+        for k in os.listxattr(self.path, follow_symlinks=False):
+            if k not in self.xattrs:
+                with contextlib.suppress(OSError):  # what a security module keeps stays
+                    os.removexattr(self.path, k, follow_symlinks=False)
+        for k, value in self.xattrs.items():
+            with contextlib.suppress(OSError):
+                os.setxattr(self.path, k, value, follow_symlinks=False)
+        os.chown(self.path, self.stat.st_uid, self.stat.st_gid, follow_symlinks=False)
+        os.chmod(self.path, stat.S_IMODE(self.stat.st_mode))
+        os.utime(self.path)
+
+
 def _clone_tree(image: Image, tmp: str, read_only: bool) -> None:
     if image.type is ImageType.SUBVOLUME:
         btrfs.snapshot(image.path, tmp, read_only)
@@ -349,9 +329,11 @@ def _clone_tree(image: Image, tmp: str, read_only: bool) -> None:
             subvolume = True
     if not subvolume:
         os.mkdir(tmp, 0o755)
+    made = _Top(tmp)
     # A faithful copy: owners, modes, timestamps, xattrs and ACLs, hard links, device nodes,
     # sparse files; reflinks where the file system shares extents; one file system only.
     _cp("-a", "-x", "--reflink=auto", "--sparse=auto", "-T", image.path + "/.", tmp)
+    made.restore()
     if read_only:
         if subvolume:
             btrfs.set_subvolume_read_only(tmp, True)
@@ -380,10 +362,7 @@ def _discard(tmp: str) -> None:
     if stat.S_ISDIR(st.st_mode):
         with contextlib.suppress(OSError):
             lfs.set_immutable(tmp, False)
-        if st.st_ino == btrfs.SUBVOLUME_INODE and lfs.is_btrfs(tmp):
-            _remove_subvolume(tmp)
-        else:
-            _remove_tree(tmp)
+        remove_tree(tmp)
     else:
         os.unlink(tmp)
 

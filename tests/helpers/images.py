@@ -34,6 +34,22 @@ def make_tree(path: Path, hostname: str = "tinyhost", os_id: str = "tiny",
     return path
 
 
+def deep_tree(top: Path, levels: int, name: str = "abcdefgh") -> None:
+    """`levels` nested directories below `top` and a file at the bottom, made fd-relative:
+    far deeper than PATH_MAX lets paths go."""
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir(name, dir_fd=fd)
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        os.close(os.open("file", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
 class Pool:
     """A pool root: ROOT/var/lib/machines is the main pool, ROOT/usr/lib/machines a vendor
     directory, ROOT/etc/systemd/nspawn the settings directory."""
