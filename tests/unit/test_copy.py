@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from machined.linux.copy import Owner, copy_entry
+from tests.helpers.images import deep_tree
 
 
 @pytest.fixture
@@ -159,19 +160,8 @@ def test_only_user_xattrs_are_copied(tmp_path: Path) -> None:
     assert os.listxattr(tmp_path / "dst") == ["user.kept"]
 
 
-def nest(top: Path, levels: int) -> None:
-    """top/a/a/.../a, `levels` directories deep, made without long paths."""
-    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(levels):
-        os.mkdir("a", dir_fd=fd)
-        inner = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = inner
-    os.close(fd)
-
-
 def unnest(top: Path) -> int:
-    """Remove what nest() made, without recursion or long paths; returns the levels seen."""
+    """Remove what deep_tree() made, without recursion or long paths; returns the levels."""
     here = os.open(".", os.O_RDONLY)
     levels = 0
     try:
@@ -179,6 +169,8 @@ def unnest(top: Path) -> int:
         while os.path.isdir("a"):
             os.chdir("a")
             levels += 1
+        for name in os.listdir("."):
+            os.unlink(name)  # the file at the bottom
         for _ in range(levels):
             os.chdir("..")
             os.rmdir("a")
@@ -193,10 +185,8 @@ def test_deep_trees_down_to_systemds_limit(tmp_path: Path) -> None:
     recursion of Python frames or the usual 1024 fds must not stop it earlier."""
     from machined.linux.copy import DEPTH_MAX
 
-    (tmp_path / "ok").mkdir()
-    (tmp_path / "deep").mkdir()
-    nest(tmp_path / "ok", DEPTH_MAX - 1)
-    nest(tmp_path / "deep", DEPTH_MAX)
+    deep_tree(tmp_path / "ok", DEPTH_MAX - 1, name="a")
+    deep_tree(tmp_path / "deep", DEPTH_MAX, name="a")
     (tmp_path / "deep/sibling").write_text("copied all the same")
     try:
         copy(tmp_path / "ok", tmp_path / "ok-copy")
