@@ -72,16 +72,25 @@ def _btrfs(*args: str) -> subprocess.CompletedProcess[str]:
         raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP)) from None
 
 
+# btrfs-progs ends its errors with strerror(): the errno back from its text, longest first
+_ERRNO_OF_TEXT = sorted(((os.strerror(code), code) for code in errno.errorcode),
+                        key=lambda pair: -len(pair[0]))
+
+
+def _errno_of(stderr: str) -> int:
+    for text, code in _ERRNO_OF_TEXT:
+        if text in stderr:
+            return code
+    for code, words in ((errno.EEXIST, "exists"), (errno.ENOTEMPTY, "not empty")):
+        if words in stderr:
+            return code
+    return errno.EIO
+
+
 def _run(*args: str) -> None:
     out = _btrfs(*args)
     if out.returncode != 0:
-        err = errno.EPERM if "Operation not permitted" in out.stderr else errno.EIO
-        for code, text in ((errno.ENOTTY, "Inappropriate ioctl"),
-                           (errno.EEXIST, "exists"), (errno.ENOSPC, "No space"),
-                           (errno.ENOTEMPTY, "not empty"), (errno.EINVAL, "Invalid argument")):
-            if text in out.stderr:
-                err = code
-        raise OSError(err, f"btrfs {' '.join(args)}: {out.stderr.strip()}")
+        raise OSError(_errno_of(out.stderr), f"btrfs {' '.join(args)}: {out.stderr.strip()}")
 
 
 def create_subvolume(path: str) -> None:
