@@ -37,13 +37,23 @@ def parse_env_file(text: str) -> list[tuple[str, str]]:
 def parse_env_bytes(data: bytes) -> list[tuple[str, str]]:
     """parse_env_file() of a file's bytes, refused as 252 refuses them: a NUL byte is EBADMSG,
     a key or value that is not UTF-8 is EINVAL."""
-    if b"\0" in data:
-        raise ErrnoError(errno.EBADMSG)
-    assignments = list(_assignments(data.decode("utf-8", "surrogateescape")))
-    for key, value in assignments:
-        if not (_is_utf8(key) and _is_utf8(value)):
-            raise ErrnoError(errno.EINVAL)
+    assignments, refusal = valid_assignments(data)
+    if refusal is not None:
+        raise refusal
     return list(dict(assignments).items())
+
+
+def valid_assignments(data: bytes) -> tuple[list[tuple[str, str]], ErrnoError | None]:
+    """The assignments of a file's bytes in file order, up to the first that 252 refuses, and
+    that refusal (252's parser has assigned what came before when it stops)."""
+    if b"\0" in data:  # read_full_stream() refuses the file before any parsing
+        return [], ErrnoError(errno.EBADMSG)
+    out: list[tuple[str, str]] = []
+    for key, value in _assignments(data.decode("utf-8", "surrogateescape")):
+        if not (_is_utf8(key) and _is_utf8(value)):
+            return out, ErrnoError(errno.EINVAL)
+        out.append((key, value))
+    return out, None
 
 
 def _is_utf8(s: str) -> bool:

@@ -10,10 +10,11 @@ import contextlib
 import logging
 import os
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from .envfile import parse_env_file
+from .envfile import parse_env_file, valid_assignments
 from .machine import Machine, MachineClass, Timestamp
 from .names import cescape, hidden_or_backup_file, machine_name_is_valid
 
@@ -52,31 +53,64 @@ def parse_state(text: str) -> dict[str, str]:
 
 
 def apply(m: Machine, data: dict[str, str]) -> None:
-    """Load the keys machined reads back (§7.3). NAME is ignored: the file name wins."""
+    """Load the keys machined reads back (§7.3), each parsed as 252's machine_load() parses it
+    (C integer syntax, ranges); one that does not parse is left unset. NAME is ignored: the
+    file name wins."""
     m.unit = data.get("SCOPE", m.unit)
     m.scope_job = data.get("SCOPE_JOB", m.scope_job)
     m.service = data.get("SERVICE", m.service)
     m.root_directory = data.get("ROOT", m.root_directory)
-    raw_id = data.get("ID")
-    if raw_id:
-        with contextlib.suppress(ValueError):
-            parsed = bytes.fromhex(raw_id)
-            if len(parsed) == 16:
-                m.id = parsed
-    with contextlib.suppress(ValueError, KeyError):
-        leader = int(data["LEADER"])
-        if leader > 0:
-            m.leader = leader
+    parsed_id = _id128(data.get("ID", ""))
+    if parsed_id is not None:
+        m.id = parsed_id
+    leader = _c_integer(data.get("LEADER", ""), 1, 2**31 - 1)  # parse_pid()
+    if leader is not None:
+        m.leader = leader
     with contextlib.suppress(ValueError):
         m.cls = MachineClass(data.get("CLASS", ""))
-    with contextlib.suppress(ValueError, KeyError):
-        m.timestamp = Timestamp(int(data["REALTIME"]), int(data["MONOTONIC"]))
-    netif = []
-    for word in data.get("NETIF", "").split():
-        if word.isdigit() and int(word) > 0:
-            netif.append(int(word))
+    realtime, monotonic = (_c_integer(data.get(key, ""), 0, 2**64 - 1) or 0
+                           for key in ("REALTIME", "MONOTONIC"))
+    if realtime or monotonic:  # else the start takes the time, as 252's does
+        m.timestamp = Timestamp(realtime, monotonic)
+    netif = [i for word in data.get("NETIF", "").split()
+             if (i := _c_integer(word, 1, 2**31 - 1)) is not None]  # parse_ifindex()
     if netif:
         m.netif = netif
+
+
+def _c_integer(text: str, lo: int, hi: int) -> int | None:
+    """systemd's safe_ato*(): leading blanks, a sign, "0x" hex, "0o"/"0b" and C's leading-zero
+    octal, every character used; None outside [lo, hi] (a "-" never gives an unsigned one)."""
+    s = text.lstrip(" \t\n\r")
+    base = 0
+    if s[:2] in ("0b", "0B", "0o", "0O"):
+        base, s = (2 if s[1] in "bB" else 8), s[2:]
+    m = re.fullmatch(r"\s*([+-]?)(\w*)", s, re.ASCII)
+    if m is None:
+        return None
+    sign, digits = m.groups()
+    if base == 0:
+        if digits[:2] in ("0x", "0X"):
+            base, digits = 16, digits[2:]
+        elif digits.startswith("0") and len(digits) > 1:
+            base, digits = 8, digits[1:]
+        else:
+            base = 10
+    if not digits or any(c not in "0123456789abcdef"[:base] for c in digits.lower()):
+        return None
+    value = -int(digits, base) if sign == "-" else int(digits, base)
+    if sign == "-" and value and lo >= 0:
+        return None
+    return value if lo <= value <= hi else None
+
+
+def _id128(text: str) -> bytes | None:
+    """sd_id128_from_string(): 32 hex digits, or a UUID with its four dashes."""
+    if len(text) == 36 and all(text[i] == "-" for i in (8, 13, 18, 23)):
+        text = text.replace("-", "")
+    if not re.fullmatch(r"[0-9a-fA-F]{32}", text):
+        return None
+    return bytes.fromhex(text)
 
 
 class StateDir:
@@ -152,7 +186,12 @@ class StateDir:
                 continue
             m = Machine(name=name)
             try:
-                apply(m, parse_state(Path(entry.path).read_text(errors="surrogateescape")))
+                data = Path(entry.path).read_bytes()
             except OSError as e:
                 log.warning("Failed to load %s: %s", entry.path, e)
+                data = b""
+            assignments, refusal = valid_assignments(data)
+            if refusal is not None:  # 252 keeps what came before the refused line
+                log.warning("Failed to read %s: %s", entry.path, refusal)
+            apply(m, dict(assignments))
             yield m

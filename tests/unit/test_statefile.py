@@ -55,7 +55,32 @@ def test_parse_ignores_garbage() -> None:
     m = Machine(name="x")
     apply(m, parse_state("ID=zz\nLEADER=abc\nCLASS=foo\nNETIF=1 x -2 3\nREALTIME=1\n"))
     assert m.id == b"" and m.leader == 0 and m.cls is MachineClass.UNKNOWN
-    assert m.netif == [1, 3] and m.timestamp is None
+    assert m.netif == [1, 3] and m.timestamp == Timestamp(1, 0)  # each clock on its own
+
+
+def test_numbers_and_ids_parsed_as_252() -> None:
+    """What the live 252 made of hand-written state files (C integer syntax, ranges)."""
+    m = Machine(name="x")
+    apply(m, parse_state("NETIF=1 x 2 -1 0 +3 010 0x5 007 0o7 99999999999 2147483648\n"
+                         "ID=01234567-89ab-cdef-0123-456789abcdef\nLEADER=1_0\n"
+                         "REALTIME=+17\nMONOTONIC=0x10\n"))
+    assert m.netif == [1, 2, 3, 8, 5, 7, 7]
+    assert m.id == bytes.fromhex("0123456789abcdef0123456789abcdef")
+    assert m.leader == 0 and m.timestamp == Timestamp(17, 16)
+    m = Machine(name="y")
+    apply(m, parse_state("ID=01 23 45 67 89 ab cd ef 01 23 45 67 89 ab cd ef\n"
+                         "REALTIME=-5\nMONOTONIC=1_0\n"))
+    assert m.id == b"" and m.timestamp is None  # neither clock: the start takes the time
+
+
+def test_load_keeps_what_comes_before_invalid_utf8(tmp_path: Path) -> None:
+    d = StateDir(tmp_path)
+    (tmp_path / "bad").write_bytes(b"SCOPE=bad.scope\nSERVICE=\xff\xfe\nLEADER=7\n")
+    (tmp_path / "nul").write_bytes(b"SCOPE=nul.scope\nSERVICE=a\0b\n")
+    loaded = {m.name: m for m in d.load()}
+    assert (loaded["bad"].unit, loaded["bad"].service, loaded["bad"].leader) == \
+        ("bad.scope", "", 0)
+    assert (loaded["nul"].unit, loaded["nul"].service) == ("", "")  # no keys at all
 
 
 def test_save_is_atomic_and_links_unit(tmp_path: Path) -> None:
