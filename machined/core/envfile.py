@@ -64,6 +64,13 @@ def _is_utf8(s: str) -> bool:
     return True
 
 
+def _blank_from(c: str, mark: int | None, length: int) -> int | None:
+    """Where a run of trailing blanks starts once `c` is appended at `length`."""
+    if c not in _WHITESPACE:
+        return None
+    return length if mark is None else mark
+
+
 def _assignments(text: str) -> Iterator[tuple[str, str]]:
     """Every assignment in file order (repeated keys included)."""
     state = _PRE_KEY
@@ -89,10 +96,7 @@ def _assignments(text: str) -> Iterator[tuple[str, str]]:
             elif c == "=":
                 state, value, value_blank_from = _PRE_VALUE, [], None
             else:
-                if c not in _WHITESPACE:
-                    key_blank_from = None
-                elif key_blank_from is None:
-                    key_blank_from = len(key)
+                key_blank_from = _blank_from(c, key_blank_from, len(key))
                 key.append(c)
         elif state == _PRE_VALUE:
             if c in _NEWLINE:
@@ -114,10 +118,7 @@ def _assignments(text: str) -> Iterator[tuple[str, str]]:
             elif c == "\\":
                 state, value_blank_from = _VALUE_ESCAPE, None
             else:
-                if c not in _WHITESPACE:
-                    value_blank_from = None
-                elif value_blank_from is None:
-                    value_blank_from = len(value)
+                value_blank_from = _blank_from(c, value_blank_from, len(value))
                 value.append(c)
         elif state == _VALUE_ESCAPE:
             state = _VALUE
