@@ -162,8 +162,9 @@ async def run(options: Options) -> int:
     sd_notify("STOPPING=1")
     if watchdog is not None:
         watchdog.cancel()
-    await dispatcher.drain()
+    images.stop()
     handlers.inside.stop()
+    await dispatcher.drain()
     await registry.shutdown()
     if isinstance(backend, CgroupfsBackend):
         await backend.close()

@@ -95,6 +95,10 @@ class ImageHandlers:
             IMAGE_PATH_PREFIX, image_interface(self), self.find,
             lambda: [image_object_path(name) for name in self.scan()])
 
+    def stop(self) -> None:
+        """The daemon is stopping: clones in progress are cut short, none starts."""
+        imagefs.stop_operations()
+
     def close(self) -> None:
         self._fallback.close()
 

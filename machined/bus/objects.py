@@ -326,6 +326,8 @@ class Dispatcher:
                       awaitable: Any) -> None:
         try:
             reply(msg, await awaitable)
+        except asyncio.CancelledError:
+            raise  # the daemon is stopping: no reply, as 252 gives none when it exits
         except BaseException as e:  # noqa: BLE001
             self._reply_error(msg, e)
 
@@ -340,8 +342,11 @@ class Dispatcher:
             log.exception("Failed to send error reply %s", name)
 
     async def drain(self) -> None:
-        for task in list(self._tasks):
+        """Cancel the calls still waiting, and let them end before the bus goes."""
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def close(self) -> None:
         if self._privileged is not None:

@@ -11,7 +11,6 @@ import os
 import shutil
 import stat
 import struct
-import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator
 
@@ -32,7 +31,7 @@ from . import btrfs, dissect
 from . import fs as lfs
 from .imagecache import ScanCache
 from .imagelock import name_lock, path_lock
-from .process import dies_with_daemon
+from .process import WORKER_CHILDREN
 from .rmtree import remove_tree
 
 CRTIME_XATTR = "user.crtime_usec"
@@ -284,8 +283,9 @@ def rename(search: SearchPath, image: Image, new_name: str) -> None:
 
 # ------------------------------------------------------------------ cloning
 def _cp(*args: str) -> None:
-    out = subprocess.run(dies_with_daemon(["cp", *args]), capture_output=True, text=True,
-                         check=False)
+    out = WORKER_CHILDREN.run(["cp", *args])
+    if out.returncode < 0:  # killed: the daemon is stopping
+        raise OSError(errno.ECANCELED, os.strerror(errno.ECANCELED))
     if out.returncode != 0:
         # cp reports strerror() texts: give the client the errno behind the first one known
         err = next((code for code in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
@@ -464,3 +464,9 @@ def set_pool_limit(search: SearchPath, size: int) -> None:
         btrfs.set_limit(pool, size)
     except OSError as e:
         raise ErrnoError.from_oserror(e, "Failed to adjust quota limit") from None
+
+
+def stop_operations() -> None:
+    """At shutdown: the copies of clones in progress are killed (their threads then remove
+    what was copied and end), and no new one starts."""
+    WORKER_CHILDREN.kill_all()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import select
 import signal
+import subprocess
+import threading
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -114,6 +117,40 @@ class PidfdWatcher:
                 self.unwatch(pid)
         self._loop.remove_reader(self._epoll.fileno())
         self._epoll.close()
+
+
+class WorkerChildren:
+    """Programs the worker threads run (cp for clones): shutdown kills them rather than wait
+    for them, so the threads end at once, and starts no more."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen[str]] = set()
+        self._stopping = False
+
+    def run(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        with self._lock:
+            if self._stopping:
+                raise OSError(errno.ECANCELED, os.strerror(errno.ECANCELED))
+            proc = subprocess.Popen(dies_with_daemon(argv), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            self._running.add(proc)
+        try:
+            out, err = proc.communicate()
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+    def kill_all(self) -> None:
+        with self._lock:
+            self._stopping = True
+            for proc in self._running:
+                with contextlib.suppress(OSError):
+                    proc.kill()
+
+
+WORKER_CHILDREN = WorkerChildren()
 
 
 def dies_with_daemon(argv: list[str]) -> list[str]:

@@ -131,6 +131,29 @@ def test_sigkill_during_a_clone(bus: BusDaemon, daemon: Machined, images: Path) 
         c.close()
 
 
+def test_sigterm_during_a_clone(bus: BusDaemon, daemon: Machined, images: Path) -> None:
+    """Stopping the daemon cuts a clone short: its cp is killed rather than waited for, what
+    it had copied is removed, the caller gets no reply (as when 252 exits), and nothing is
+    logged as unexpected."""
+    pool = images / "var/lib/machines"
+    big = make_image(images, "secbig")
+    block = os.urandom(1 << 16)
+    for i in range(4096):
+        (big / f"f{i}").write_bytes(block)
+    call = busctl_call(bus, "CloneImage", "ssb", "secbig", "secbig2", "false")
+    try:
+        wait_for(lambda: any(e.name.startswith(".#secbig2") for e in pool.iterdir()), 30, 0.005,
+                 what="the clone to start")
+        assert daemon.stop() == 0
+    finally:
+        _out, err = call.communicate(timeout=30)
+    assert "disconnected from message bus without replying" in err, err
+    assert not [e.name for e in pool.iterdir() if e.name.startswith((".#secbig2", "secbig2"))]
+    assert not subprocess.run(["pgrep", "-f", f"{pool}/.#secbig2"], capture_output=True).stdout
+    assert not daemon.unexpected_errors(), daemon.log
+    daemon.start()
+
+
 def test_bus_daemon_going_away(images: Path) -> None:
     """The daemon cannot be reached any more: it exits with an error (the unit's Restart= or
     bus activation starts it again), quickly, and its machines survive in the state files."""
