@@ -23,7 +23,6 @@ import contextlib
 import errno
 import os
 import resource
-import secrets
 import socket
 import stat
 import sys
@@ -160,7 +159,7 @@ class HardLinks:
 
     def __init__(self, top_fd: int) -> None:
         self._top_fd = top_fd
-        self._name = ".#hardlink" + secrets.token_hex(8)
+        self._name = ".#hardlink" + os.urandom(8).hex()  # not secrets: it loads OpenSSL (RSS)
         self._fd = -1
 
     @staticmethod
