@@ -330,15 +330,35 @@ def _clone_tree(image: Image, tmp: str, read_only: bool) -> None:
     if not subvolume:
         os.mkdir(tmp, 0o755)
     made = _Top(tmp)
+    elsewhere = _other_file_systems(image.path)
     # A faithful copy: owners, modes, timestamps, xattrs and ACLs, hard links, device nodes,
     # sparse files; reflinks where the file system shares extents; one file system only.
     _cp("-a", "-x", "--reflink=auto", "--sparse=auto", "-T", image.path + "/.", tmp)
+    for rel in sorted(elsewhere, reverse=True):  # cp -x leaves them empty; 252 leaves them out
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(tmp, rel))
     made.restore()
     if read_only:
         if subvolume:
             btrfs.set_subvolume_read_only(tmp, True)
         else:
             lfs.set_immutable(tmp, True)
+
+
+def _other_file_systems(root: str) -> list[str]:
+    """Directories below `root` (relative to it) that are another file system: mount points,
+    and nested btrfs subvolumes; a copy of the tree does not go into them."""
+    top = os.path.realpath(root)
+    found = {os.path.relpath(p, top) for p in lfs.mounts_below(top)}
+    device = os.lstat(top).st_dev
+    for dirpath, dirnames, _files in os.walk(top):
+        for d in list(dirnames):
+            path = os.path.join(dirpath, d)
+            with contextlib.suppress(OSError):
+                if os.lstat(path).st_dev != device:
+                    found.add(os.path.relpath(path, top))
+                    dirnames.remove(d)
+    return sorted(found)
 
 
 def _clone_raw(image: Image, tmp: str, read_only: bool) -> None:

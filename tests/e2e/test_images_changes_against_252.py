@@ -215,6 +215,47 @@ def test_remove_with_a_mount_point_inside_is_a_deliberate_difference(
 
 
 # ------------------------------------------------------------------------------ clone
+def test_clone_leaves_out_a_mount_point_inside(pair: Pair) -> None:  # noqa: F811
+    """A copied clone stays on the source's file system: a mount point inside is left out
+    altogether, as 252 leaves it out (cp -x alone would make it an empty directory)."""
+    pid = pid_of_252(pair)
+    with images(pair, "mnt2", "mnt2c") as paths:
+        try:
+            for who in WHO:
+                top = paths[who]["mnt2"]
+                make_tree(top)
+                (top / "srv/data").mkdir(parents=True)
+                (top / "srv/other").mkdir()
+                where = "/var/lib/machines/mnt2/srv/data" if who == "real" else \
+                    str(top / "srv/data")
+                enter = ["nsenter", "-t", str(pid), "-m"] if who == "real" else []
+                run(*enter, "mount", "-t", "tmpfs", "tmpfs", where)
+                run(*enter, "sh", "-c", f"echo elsewhere > {where}/file")
+            same(both(pair, M, MGR, "CloneImage", "ssb", "mnt2", "mnt2c", False), "clone")
+            assert left(paths["real"]["mnt2c"]) == left(paths["ours"]["mnt2c"])
+            assert not (paths["ours"]["mnt2c"] / "srv/data").exists()
+            assert (paths["ours"]["mnt2c"] / "srv/other").is_dir()
+        finally:
+            subprocess.run(["nsenter", "-t", str(pid), "-m", "umount",
+                            "/var/lib/machines/mnt2/srv/data"], capture_output=True, check=False)
+            subprocess.run(["umount", str(paths["ours"]["mnt2"] / "srv/data")],
+                           capture_output=True, check=False)
+
+
+@ON_BTRFS
+def test_clone_leaves_out_a_subvolume_in_a_plain_directory(pair: Pair) -> None:  # noqa: F811
+    """The same for a subvolume nested in a directory image: another file system to a copy."""
+    with images(pair, "dirnest", "dirnestc") as paths:
+        for who in WHO:
+            top = paths[who]["dirnest"]
+            make_tree(top)
+            subvolume(top / "sv")
+            (top / "sv/inside").write_text("in the subvolume")
+        same(both(pair, M, MGR, "CloneImage", "ssb", "dirnest", "dirnestc", False), "clone")
+        assert left(paths["real"]["dirnestc"]) == left(paths["ours"]["dirnestc"])
+        assert not (paths["ours"]["dirnestc"] / "sv").exists()
+
+
 def top_facts(path: Path, since: float) -> dict[str, Any]:
     st = os.lstat(path)
     return {"mode": oct(stat.S_IMODE(st.st_mode)), "owner": (st.st_uid, st.st_gid),
