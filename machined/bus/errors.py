@@ -89,12 +89,34 @@ _NAME_TO_ERRNO = {
     DBUS + "MatchRuleNotFound": errno.ENOENT,
     DBUS + "SELinuxSecurityContextUnknown": errno.ESRCH,
     DBUS + "ObjectPathInUse": errno.EBUSY,
-    "org.freedesktop.systemd1.NoSuchUnit": errno.ENOENT,
-    "org.freedesktop.systemd1.LoadFailed": errno.EIO,
-    "org.freedesktop.systemd1.JobFailed": errno.EREMOTEIO,
-    "org.freedesktop.systemd1.UnitExists": errno.EEXIST,
-    "org.freedesktop.systemd1.NoUnitForPID": errno.ESRCH,
 }
+# sd-bus's map of systemd's own error names (bus-common-errors.c): the services machined calls
+# (systemd1) and the daemons next to it
+_NAME_TO_ERRNO |= {f"org.freedesktop.systemd1.{name}": code for name, code in (
+    ("NoSuchUnit", errno.ENOENT), ("NoUnitForPID", errno.ESRCH),
+    ("NoUnitForInvocationID", errno.ENOENT), ("UnitExists", errno.EEXIST),
+    ("LoadFailed", errno.EIO), ("BadUnitSetting", errno.ENOEXEC),
+    ("JobFailed", errno.EREMOTEIO), ("NoSuchJob", errno.ENOENT),
+    ("NotSubscribed", errno.EINVAL), ("AlreadySubscribed", errno.EINVAL),
+    ("OnlyByDependency", errno.EINVAL), ("TransactionJobsConflicting", errno.EDEADLK),
+    ("TransactionOrderIsCyclic", errno.EDEADLK), ("TransactionIsDestructive", errno.EDEADLK),
+    ("UnitMasked", errno.ERFKILL), ("UnitGenerated", errno.EADDRNOTAVAIL),
+    ("UnitLinked", errno.ELOOP), ("JobTypeNotApplicable", errno.EBADR),
+    ("NoIsolation", errno.EPERM), ("ShuttingDown", errno.ECANCELED),
+    ("ScopeNotRunning", errno.EHOSTDOWN), ("NoSuchDynamicUser", errno.ESRCH),
+    ("NotReferenced", errno.EUNATCH), ("DiskFull", errno.ENOSPC))}
+_NAME_TO_ERRNO |= {f"org.freedesktop.machine1.{name}": code for name, code in (
+    ("NoSuchMachine", errno.ENXIO), ("NoSuchImage", errno.ENOENT),
+    ("NoMachineForPID", errno.ENXIO), ("MachineExists", errno.EEXIST),
+    ("NoPrivateNetworking", errno.ENOSYS), ("NoSuchUserMapping", errno.ENXIO),
+    ("NoSuchGroupMapping", errno.ENXIO))}
+_NAME_TO_ERRNO |= {f"org.freedesktop.login1.{name}": code for name, code in (
+    ("NoSuchSession", errno.ENXIO), ("NoSessionForPID", errno.ENXIO),
+    ("NoSuchUser", errno.ENXIO), ("NoUserForPID", errno.ENXIO), ("NoSuchSeat", errno.ENXIO),
+    ("SessionNotOnSeat", errno.EINVAL), ("NotInControl", errno.EINVAL),
+    ("DeviceIsTaken", errno.EINVAL), ("DeviceNotTaken", errno.EINVAL),
+    ("OperationInProgress", errno.EINPROGRESS), ("SleepVerbNotSupported", errno.EOPNOTSUPP),
+    ("SessionBusy", errno.EBUSY), ("NotYourDevice", errno.EPERM))}
 
 
 def errno_name(err: int) -> str:

@@ -16,7 +16,8 @@ What it does, enough for machined's CreateMachine/Terminate/Kill/GC paths:
     org.freedesktop.systemd1.NoSuchUnit.
 Test-only methods on org.freedesktop.DBus.Mock: GetCalls() -> s (JSON), SetJobMode(s mode),
 SetStartResult(s result), SetJobDelay(u ms), SetStopReplyDelay(u ms), FinishJob(o job,
-s result), PendingJobs() -> ao.
+s result), PendingJobs() -> ao, SetUnitCallError(s name) (StopUnit and KillUnit answer that
+error until it is set to "").
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ def load(mock: Any, parameters: dict[str, Any]) -> None:
     mock.start_result = str(parameters.get("start_result", "done"))
     mock.job_delay_ms = int(parameters.get("job_delay_ms", 100))
     mock.stop_reply_delay_ms = int(parameters.get("stop_reply_delay_ms", 0))
+    mock.unit_call_error = ""
     mock.unit_tree = UnitTree(mock.connection, mock)
     mock.job_tree = JobTree(mock.connection, mock)
     mock.AddProperties(MAIN_IFACE, {"Version": "252-e2e-fake"})
@@ -268,6 +270,9 @@ def StopUnit(self: Any, name: str, mode: str, reply: Any, error: Any) -> None:  
     SetStopReplyDelay(ms > 0) it kills first and replies only after that delay: a busy PID 1."""
     _record(self, "StopUnit", name, mode)
     name = str(name)
+    if self.unit_call_error:
+        error(_dbus_error(self.unit_call_error, "Refused by the test."))
+        return
     u = self.units.get(name)
     if u is None:
         error(_dbus_error("org.freedesktop.systemd1.NoSuchUnit", f"Unit {name} not loaded."))
@@ -294,6 +299,8 @@ def StopUnit(self: Any, name: str, mode: str, reply: Any, error: Any) -> None:  
 @dbus.service.method(MAIN_IFACE, in_signature="ssi", out_signature="")
 def KillUnit(self: Any, name: str, who: str, signo: int) -> None:  # noqa: N802
     _record(self, "KillUnit", name, who, signo)
+    if self.unit_call_error:
+        raise _dbus_error(self.unit_call_error, "Refused by the test.")
     u = self.units.get(str(name))
     if u is None:
         raise _dbus_error("org.freedesktop.systemd1.NoSuchUnit", f"Unit {name} not loaded.")
@@ -335,6 +342,11 @@ def SetJobDelay(self: Any, ms: int) -> None:  # noqa: N802
 @dbus.service.method(MOCK_IFACE, in_signature="u", out_signature="")
 def SetStopReplyDelay(self: Any, ms: int) -> None:  # noqa: N802
     self.stop_reply_delay_ms = int(ms)
+
+
+@dbus.service.method(MOCK_IFACE, in_signature="s", out_signature="")
+def SetUnitCallError(self: Any, name: str) -> None:  # noqa: N802
+    self.unit_call_error = str(name)
 
 
 @dbus.service.method(MOCK_IFACE, in_signature="os", out_signature="")

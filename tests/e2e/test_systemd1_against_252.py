@@ -158,3 +158,27 @@ def test_a_machine_from_creation_to_termination(sides: dict[str, Side]) -> None:
     assert [c["method"] for c in real if c["method"] == "StartTransientUnit"] == \
         ["StartTransientUnit"] * 3, real
     assert [c["method"] for c in real].count("StopUnit") == 3, real
+
+
+# Errors of systemd1 that 252 keeps only the errno of (sd-bus's map of systemd's error names).
+UNIT_CALL_ERRORS = ["org.freedesktop.systemd1.UnitMasked", "org.freedesktop.systemd1.ShuttingDown",
+                    "org.freedesktop.systemd1.NoSuchJob", "org.freedesktop.systemd1.NotReferenced",
+                    "org.freedesktop.systemd1.ScopeNotRunning", "org.freedesktop.machine1.NoSuchMachine",
+                    "org.freedesktop.login1.NoSuchSession", "org.example.Unknown"]
+
+
+def test_kill_and_terminate_errors_of_systemd1(sides: dict[str, Side]) -> None:
+    assert both(sides, "CreateMachine", "sayssusa(sv)", "dsys{who}5", b"", "", "container",
+                "{leader}", "", [])["ours"][0] == "ok"
+    try:
+        for name in UNIT_CALL_ERRORS:
+            for side in sides.values():
+                side.fake.mock("SetUnitCallError", "s", name)
+            for member, sig, args in (("KillMachine", "ssi", ("dsys{who}5", "all", 18)),
+                                      ("TerminateMachine", "s", ("dsys{who}5",))):
+                answers = both(sides, member, sig, *args)
+                assert answers["real"] == answers["ours"], (name, member, answers)
+    finally:
+        for side in sides.values():
+            side.fake.mock("SetUnitCallError", "s", "")
+        both(sides, "TerminateMachine", "s", "dsys{who}5")
