@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import types
@@ -98,14 +99,25 @@ class Creds:
     pid: int
 
 
+class PolkitAnswered(Exception):  # noqa: N818 - not an error: the call is run again
+    """polkit answered the call's question ((action, details), the refusal or None): the call
+    is run again from the start with that answer (see bus/auth.py)."""
+
+    def __init__(self, answer: tuple[Any, BaseException | None]) -> None:
+        super().__init__("polkit answered")
+        self.answer = answer
+
+
 class Call:
     """One incoming method call, with lazy access to who sent it."""
 
-    __slots__ = ("msg", "_dispatcher")
+    __slots__ = ("msg", "_dispatcher", "polkit_answer")
 
-    def __init__(self, dispatcher: Dispatcher, msg: SdBusMessage) -> None:
+    def __init__(self, dispatcher: Dispatcher, msg: SdBusMessage,
+                 polkit_answer: tuple[Any, BaseException | None] | None = None) -> None:
         self.msg = msg
         self._dispatcher = dispatcher
+        self.polkit_answer = polkit_answer
 
     @property
     def sender(self) -> str:
@@ -302,15 +314,18 @@ class Dispatcher:
             return dispatch_plain
 
         def dispatch(msg: SdBusMessage) -> None:
+            def run(call: Call) -> Any:
+                return handler(call, *msg.parse_to_tuple())
+
             try:
-                self._settle(msg, reply, handler(Call(self, msg), *msg.parse_to_tuple()))
+                self._settle(msg, reply, run(Call(self, msg)), run)
             except BaseException as e:  # noqa: BLE001 - every failure becomes a reply
                 self._reply_error(msg, e)
 
         return dispatch
 
     def _settle(self, msg: SdBusMessage, reply: Callable[[SdBusMessage, Any], None],
-                result: Any) -> None:
+                result: Any, run: Callable[[Call], Any] | None = None) -> None:
         """Reply with a handler's result now, or once its awaitable has it."""
         if type(result) is types.CoroutineType:  # most never wait: see core.eager
             finished, result = run_until_wait(result)
@@ -318,14 +333,23 @@ class Dispatcher:
                 reply(msg, result)
                 return
         if isinstance(result, _AWAITABLES):  # cheaper than inspect.isawaitable
-            keep_task(self._finish(msg, reply, result), self._tasks)
+            keep_task(self._finish(msg, reply, result, run), self._tasks)
             return
         reply(msg, result)
 
     async def _finish(self, msg: SdBusMessage, reply: Callable[[SdBusMessage, Any], None],
-                      awaitable: Any) -> None:
+                      awaitable: Any, run: Callable[[Call], Any] | None) -> None:
         try:
-            reply(msg, await awaitable)
+            try:
+                result = await awaitable
+            except PolkitAnswered as answered:
+                if run is None:
+                    raise
+                # run again from the start with the answer, as 252's sd-bus does
+                result = run(Call(self, msg, answered.answer))
+                if inspect.isawaitable(result):
+                    result = await result
+            reply(msg, result)
         except asyncio.CancelledError:
             raise  # the daemon is stopping: no reply, as 252 gives none when it exits
         except BaseException as e:  # noqa: BLE001

@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.helpers.busdaemon import BusDaemon
-from tests.helpers.daemon import Machined, busctl, clean_state, wait_for
+from tests.helpers.daemon import Machined, busctl, cgroup2_mount, clean_state, wait_for
+from tests.helpers.leaders import CgroupLeaders
 
 DEST = "org.freedesktop.machine1"
 PATH = "/org/freedesktop/machine1"
@@ -141,6 +143,57 @@ def test_polkit_decides_for_unprivileged(polkit: BusDaemon, sleeper: subprocess.
         time.sleep(0.2)
     finally:
         d.stop()
+        clean_state()
+    assert not d.unexpected_errors()
+
+
+def slow_polkit(bus: BusDaemon, authorized: bool, seconds: float = 2) -> None:
+    """polkit answers CheckAuthorization only after `seconds`: time for the test to change
+    things while the question is pending."""
+    code = (f"import time; time.sleep({seconds}); ret = ({authorized}, False, {{}})")
+    busctl(bus, "call", "org.freedesktop.PolicyKit1", "/org/freedesktop/PolicyKit1/Authority",
+           "org.freedesktop.DBus.Mock", "AddMethod", "sssss",
+           "org.freedesktop.PolicyKit1.Authority", "CheckAuthorization", "(sa{sv})sa{ss}us",
+           "(bba{ss})", code)
+
+
+def test_the_call_runs_again_once_polkit_answered(polkit: BusDaemon) -> None:
+    """As 252's sd-bus: when polkit answers, the call is run again from the start. A machine
+    unregistered meanwhile is no longer known (NoSuchMachine, whatever polkit said); one
+    registered anew under the name is the one the call acts on."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    bus = polkit
+    clean_state()
+    d = Machined(bus, "--scope-backend=cgroupfs", "--stop-timeout=3")
+    leaders = CgroupLeaders()
+    slice_dir = Path(cgroup2_mount()) / "machine.slice"
+    log = bus.dir / "polkit.calls"
+    try:
+        first, second = (leaders.sleeper(slice_dir / f"pkrace-{i}.scope") for i in (1, 2))
+        for authorized in (False, True):
+            register(bus, "pkrace", first)
+            slow_polkit(bus, authorized)
+            asked = log.read_text().count("CheckAuthorization") if log.exists() else 0
+            call = subprocess.Popen(
+                ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "busctl",
+                 "--system", "call", DEST, PATH, IFACE, "UnregisterMachine", "s", "pkrace"],
+                env=bus.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            wait_for(lambda a=asked: log.read_text().count("CheckAuthorization") > a, 10,
+                     what="the question to reach polkit")
+            busctl(bus, "call", DEST, PATH, IFACE, "UnregisterMachine", "s", "pkrace")
+            if authorized:
+                register(bus, "pkrace", second)
+            _out, err = call.communicate(timeout=30)
+            if authorized:  # the new machine went
+                assert call.returncode == 0, err
+                out = busctl(bus, "call", DEST, PATH, IFACE, "ListMachines")
+                assert "pkrace" not in out.stdout
+            else:
+                assert err.strip() == "Call failed: No machine 'pkrace' known", err
+    finally:
+        d.stop()
+        leaders.close()
         clean_state()
     assert not d.unexpected_errors()
 
