@@ -108,7 +108,7 @@ async def run(options: Options) -> int:
     images.serve()
     dispatcher.export(MANAGER_PATH, Manager(registry, handlers, images).interface())
     await dispatcher.watch_peers()
-    log.info("Using the %s scope backend.", backend.name)
+    log.debug("Using the %s scope backend.", backend.name)  # 252 logs nothing at start
 
     userdb = VarlinkServer(userdb_methods(UserDatabase(
         registry.__iter__, registry.get, lambda m, kind: facts.read_id_map(m.leader, kind))))
@@ -129,8 +129,8 @@ async def run(options: Options) -> int:
     except SdBusRequestNameError as e:
         log.error("Failed to acquire %s: %s", BUS_NAME, e)
         return 1
-    sd_notify(f"READY=1\nSTATUS=Processing requests ({backend.name} scopes)...")
-    log.info("Ready: %d machine(s) registered.", len(registry.machines) - 1)
+    sd_notify("READY=1\nSTATUS=Processing requests...")  # 252's words
+    log.debug("Ready: %d machine(s) registered.", len(registry.machines) - 1)
 
     watchdog = None
     interval = watchdog_interval()
@@ -158,7 +158,7 @@ async def run(options: Options) -> int:
 
     await stop.wait()
     bus_watch.cancel()
-    log.info("Shutting down.")
+    log.debug("Shutting down.")
     sd_notify("STOPPING=1")
     if watchdog is not None:
         watchdog.cancel()

@@ -38,7 +38,7 @@ export DBUS_SYSTEM_BUS_ADDRESS=$ADDR
 
 setsid .venv/bin/python -m machined --stop-timeout=5 </dev/null >"$RUN/machined.log" 2>&1 &
 echo $! > "$RUN/machined.pid"
-for _ in $(seq 100); do grep -q Ready "$RUN/machined.log" && break; sleep 0.1; done
+for _ in $(seq 100); do busctl --system status org.freedesktop.machine1 >/dev/null 2>&1 && break; sleep 0.1; done
 
 # A busybox container tree, then a container that just idles.
 if [ ! -x "$TREE/bin/busybox" ]; then
