@@ -22,11 +22,11 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ..core.errors import ErrnoError, RemoteError
+from ..core.errors import ErrnoError, InvalidArgs, RemoteError
 from ..core.machine import Machine
-from ..core.names import machine_scope_name
+from ..core.names import machine_scope_name, unit_name_is_valid
 from ..core.ports import ScopeProperties
 from ..linux import cgroups
 from ..linux.inotify import IN_MODIFY, Inotify
@@ -102,7 +102,8 @@ class CgroupfsBackend:
             self.hierarchy.remove_empty_parents(scope.path)
         return True
 
-    def _new_scope(self, unit: str, slice_name: str, pids: list[int]) -> Scope:
+    def _new_scope(self, unit: str, slice_name: str, pids: list[int],
+                   registering: bool = False) -> Scope:
         path = cgroups.slice_path(slice_name) + "/" + unit
         if self.hierarchy.exists(path) and self.hierarchy.populated(path):
             raise RemoteError("org.freedesktop.systemd1.UnitExists", f"Unit {unit} already exists.")
@@ -112,6 +113,9 @@ class CgroupfsBackend:
                 self.hierarchy.attach(path, pid)
         except OSError as e:
             self.hierarchy.remove(path)
+            if registering and e.errno == errno.EINVAL:  # a kernel thread: in no unit, as 252
+                raise ErrnoError(errno.ENXIO, f"Failed to determine unit of process {pids[0]} "
+                                              f": {os.strerror(errno.ENXIO)}") from None
             err = errno.ESRCH if e.errno in (errno.ESRCH, errno.EINVAL) else (e.errno or errno.EIO)
             raise ErrnoError(err, f"Failed to move PID {pids[0]} into scope {unit}: "
                                   f"{ErrnoError(err).message}") from None
@@ -120,15 +124,12 @@ class CgroupfsBackend:
     # ------------------------------------------------------------- ScopeBackend
     async def start_scope(self, m: Machine, properties: ScopeProperties) -> str:
         unit = machine_scope_name(m.name)
-        settings = dict(properties)
-        slice_name = str(settings.get("Slice", ("s", DEFAULT_SLICE))[1])
-        scope = self._new_scope(unit, slice_name, [m.leader])
-        if "KillSignal" in settings:
-            scope.kill_signal = int(settings["KillSignal"][1])
-        if "KillMode" in settings:
-            scope.kill_mode = str(settings["KillMode"][1])
-        if "TimeoutStopUSec" in settings:
-            scope.stop_timeout = int(settings["TimeoutStopUSec"][1]) / 1e6
+        settings = scope_settings(properties)  # refused before anything is made
+        scope = self._new_scope(unit, settings.slice, [m.leader])
+        scope.kill_signal = settings.kill_signal
+        scope.kill_mode = settings.kill_mode
+        if settings.stop_timeout is not None:
+            scope.stop_timeout = settings.stop_timeout
         self._track(scope)
         m.unit = unit
         m.referenced = True
@@ -151,7 +152,7 @@ class CgroupfsBackend:
         if self._is_supervisor(sender_pid, m.leader):
             pids.append(sender_pid)
         unit = machine_scope_name(m.name)
-        self._track(self._new_scope(unit, DEFAULT_SLICE, pids))
+        self._track(self._new_scope(unit, DEFAULT_SLICE, pids, registering=True))
         m.unit = unit
         m.referenced = True
 
@@ -269,3 +270,44 @@ class CgroupfsBackend:
         for scope in list(self.scopes.values()):
             if scope.stopping is not None:
                 scope.stopping.cancel()
+
+
+@dataclass(frozen=True)
+class ScopeSettings:
+    slice: str = DEFAULT_SLICE
+    kill_signal: int = signal.SIGTERM
+    kill_mode: str = "control-group"
+    stop_timeout: float | None = None  # seconds; None: the daemon's --stop-timeout
+
+
+KILL_MODES = ("control-group", "process", "mixed", "none")
+
+
+def scope_settings(properties: ScopeProperties) -> ScopeSettings:
+    """The scope properties this backend applies, refused as systemd's StartTransientUnit
+    refuses them (a value of another D-Bus type is ENXIO, as sd_bus_message_read() gives;
+    the rest are InvalidArgs in systemd's words). Others are accepted and not applied."""
+    settings = ScopeSettings()
+    types = {"Slice": "s", "KillSignal": "i", "KillMode": "s", "TimeoutStopUSec": "t"}
+    for name, (sig, value) in properties:
+        if name not in types:
+            continue
+        if sig != types[name]:
+            raise ErrnoError(errno.ENXIO)
+        if name == "Slice":
+            if not unit_name_is_valid(value) or "@" in value:
+                raise InvalidArgs(f"Invalid unit name '{value}'")
+            if not value.endswith(".slice"):
+                raise InvalidArgs(f"Unit name '{value}' is not a slice")
+            settings = replace(settings, slice=value)
+        elif name == "KillSignal":
+            if not 1 <= value < 65:  # SIGNAL_VALID()
+                raise InvalidArgs(f"Invalid KillSignal setting: {value}")
+            settings = replace(settings, kill_signal=value)
+        elif name == "KillMode":
+            if value not in KILL_MODES:
+                raise InvalidArgs(f"Invalid KillMode setting: {value}")
+            settings = replace(settings, kill_mode=value)
+        else:
+            settings = replace(settings, stop_timeout=value / 1e6)
+    return settings

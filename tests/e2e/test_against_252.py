@@ -105,6 +105,7 @@ def cases(leaders: dict[str, int]) -> list[tuple[str, str, str, str, tuple[Any, 
         mgr("CreateMachine", "sayssusa(sv)", *v, [])
         mgr("CreateMachineWithNetwork", "sayssusaia(sv)", *v, [-1], [])
     mgr("RegisterMachine", "sayssus", *reg[:4], NO_PID, "/")
+    mgr("RegisterMachine", "sayssus", "difft-kthread", *reg[1:4], 2, "")  # kthreadd: no unit
     for ifindices in ([-3], [0], [1, -1]):
         mgr("RegisterMachineWithNetwork", "sayssusai", *reg, ifindices)
     mgr("RegisterMachineWithNetwork", "sayssusai", *reg[:4], 1, "/", [2**31 - 1])

@@ -26,7 +26,9 @@ from .support import (
     assert_state_file,
     cgroup_of,
     cgroup_pids,
+    create_args,
     create_machine,
+    machine_names,
     machine_path,
     machine_prop,
     mcall,
@@ -141,6 +143,28 @@ def test_create_machine_empty_properties(bus: BusDaemon, machined: Machined, mon
                                                                                         path]
     wait_for(lambda: not scope_dir(name).exists(), 2, what="the scope cgroup to go")
     assert_machine_gone(bus, name, unit)
+
+
+def test_create_machine_refuses_bad_scope_properties(bus: BusDaemon, machined: Machined,
+                                                     procs: Processes) -> None:
+    """In cgroupfs mode the daemon stands in for systemd's StartTransientUnit: a property it
+    applies with a bad value is refused in systemd's words, before any scope is made or the
+    leader moved."""
+    leader = procs.sleeper()
+    before = cgroup_of(leader.pid)
+    name = unique_name("-badprop")
+    for props, error in (
+            (["1", "KillSignal", "s", "x"], "No such device or address"),
+            (["1", "KillSignal", "i", "0"], "Invalid KillSignal setting: 0"),
+            (["1", "KillMode", "s", "bogus"], "Invalid KillMode setting: bogus"),
+            (["1", "Slice", "s", "bogus"], "Invalid unit name 'bogus'"),
+            (["1", "Slice", "s", "foo.service"], "Unit name 'foo.service' is not a slice"),
+            (["1", "TimeoutStopUSec", "s", "x"], "No such device or address")):
+        out = mcall(bus, "CreateMachine", "sayssusa(sv)", *create_args(name, leader.pid),
+                    *props, check=False)
+        assert out.returncode != 0 and error in out.stderr, (props, out.stderr)
+        assert cgroup_of(leader.pid) == before and not scope_dir(name).exists()
+    assert name not in machine_names(bus)
 
 
 def test_kill_machine(bus: BusDaemon, machined: Machined, monitor: Monitor,
