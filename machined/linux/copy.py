@@ -32,9 +32,6 @@ from ..core.validate import split_path
 from . import namespaces as ns
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# systemd's COPY_DEPTH_MAX: directories nested deeper fail with ENAMETOOLONG (a bound for
-# bind-mount cycles)
-DEPTH_MAX = 2048
 
 
 @dataclass(frozen=True)
@@ -53,20 +50,12 @@ def open_parent(path: str) -> tuple[int, str]:
 def copy_entry(src_dir: int, src: str, dst_dir: int, dst: str, replace: bool,
                owner: Owner) -> None:
     """Copy `src` (a file of any kind, or a tree) to `dst`."""
-    _allow_depth(DEPTH_MAX)
-    _TreeCopy(replace, owner).entry(src_dir, src, dst_dir, dst, 0)
-
-
-def _allow_depth(levels: int) -> None:
-    """The walk recurses once per directory level (two frames) and holds two fds per level:
-    make room for `levels` of them (the copy runs in a child of its own)."""
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), 3 * levels))
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 2 * levels + 256
-    if soft != resource.RLIM_INFINITY and soft < want:
-        raised = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    # As deep as the fds go, as 252's copy (two per level; EMFILE beyond): the walk recurses
+    # two frames per level, so Python's own limit must not stop it first.
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY:
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), soft + 1000))
+    _TreeCopy(replace, owner).entry(src_dir, src, dst_dir, dst)
 
 
 class _TreeCopy:
@@ -78,7 +67,7 @@ class _TreeCopy:
         self.owner = owner
         self.links: HardLinks | None = None
 
-    def entry(self, src_dir: int, src: str, dst_dir: int, dst: str, depth: int) -> None:
+    def entry(self, src_dir: int, src: str, dst_dir: int, dst: str, depth: int = 0) -> None:
         st = os.stat(src, dir_fd=src_dir, follow_symlinks=False)
         uid = st.st_uid if self.owner.uid is None else self.owner.uid
         gid = st.st_gid if self.owner.gid is None else self.owner.gid
@@ -109,8 +98,6 @@ class _TreeCopy:
 
     def _dir(self, src_dir: int, src: str, dst_dir: int, dst: str, st: os.stat_result,
              uid: int, gid: int, depth: int) -> None:
-        if depth >= DEPTH_MAX:
-            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
         fin = os.open(src, _DIR, dir_fd=src_dir)
         try:
             created = True

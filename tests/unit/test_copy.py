@@ -5,8 +5,10 @@ tests/e2e/inside/test_against_252.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import resource
 import socket
 import stat
 from collections.abc import Iterator
@@ -180,23 +182,32 @@ def unnest(top: Path) -> int:
     return levels
 
 
-def test_deep_trees_down_to_systemds_limit(tmp_path: Path) -> None:
-    """252's copy goes DEPTH_MAX (2048) levels deep and answers ENAMETOOLONG below that; a
-    recursion of Python frames or the usual 1024 fds must not stop it earlier."""
-    from machined.linux.copy import DEPTH_MAX
-
-    deep_tree(tmp_path / "ok", DEPTH_MAX - 1, name="a")
-    deep_tree(tmp_path / "deep", DEPTH_MAX, name="a")
-    (tmp_path / "deep/sibling").write_text("copied all the same")
+@contextlib.contextmanager
+def fd_limit(soft: int) -> Iterator[None]:
+    old = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, old[1]))
     try:
-        copy(tmp_path / "ok", tmp_path / "ok-copy")
-        assert unnest(tmp_path / "ok-copy") == DEPTH_MAX - 1
-        with pytest.raises(OSError) as e:
-            copy(tmp_path / "deep", tmp_path / "deep-copy")
-        assert e.value.errno == errno.ENAMETOOLONG
-        assert (tmp_path / "deep-copy/sibling").read_text() == "copied all the same"
-        assert unnest(tmp_path / "deep-copy") == DEPTH_MAX - 1
+        yield
     finally:
-        for name in ("ok", "deep", "ok-copy", "deep-copy"):
+        resource.setrlimit(resource.RLIMIT_NOFILE, old)
+
+
+def test_deep_trees_as_deep_as_the_fds_go(tmp_path: Path) -> None:
+    """252's copy has no depth limit of its own (2,100 levels copied, seen with the live 252):
+    it holds two fds per level and ends with EMFILE where they run out. Python's recursion
+    limit must not stop ours first."""
+    deep_tree(tmp_path / "deep", 2100, name="a")
+    (tmp_path / "deep/sibling").write_text("copied all the same")
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with fd_limit(min(hard, 8192)):
+            copy(tmp_path / "deep", tmp_path / "copy")
+        assert unnest(tmp_path / "copy") == 2100
+        with fd_limit(256), pytest.raises(OSError) as e:
+            copy(tmp_path / "deep", tmp_path / "cut")
+        assert e.value.errno == errno.EMFILE
+        assert (tmp_path / "cut/sibling").read_text() == "copied all the same"
+    finally:
+        for name in ("deep", "copy", "cut"):
             if (tmp_path / name).exists():
                 unnest(tmp_path / name)
