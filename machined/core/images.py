@@ -13,7 +13,12 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from .errors import ErrnoError, InvalidArgs, NoSuchImage
-from .names import bus_label_escape, image_name_is_valid
+from .names import (
+    bus_label_escape,
+    hostname_cleanup,
+    hostname_is_valid_trailing_dot,
+    image_name_is_valid,
+)
 
 UINT64_MAX = 2**64 - 1
 IMAGE_PATH_PREFIX = "/org/freedesktop/machine1/image"
@@ -152,10 +157,6 @@ class Metadata:
     os_release: tuple[tuple[str, str], ...] = ()
 
 
-HOST_NAME_MAX = 64
-_LDH = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-
-
 def parse_hostname(text: str) -> str:
     """/etc/hostname as 252's read_etc_hostname() reads it: the first line that is neither
     empty nor starts with "#", cleaned up as hostname_cleanup() does; "" when that is no valid
@@ -163,53 +164,16 @@ def parse_hostname(text: str) -> str:
     for line in re.split(r"\r\n|[\n\r\0]", text):
         if line and not line.startswith("#"):
             name = hostname_cleanup(line)
-            return name if hostname_is_valid(name) else ""
+            return name if hostname_is_valid_trailing_dot(name) else ""
     return ""
-
-
-def hostname_cleanup(s: str) -> str:
-    """Letters, digits, single dots and hyphens kept, no label starting with a hyphen or dot,
-    at most HOST_NAME_MAX characters, one trailing dot or hyphen cut (systemd's)."""
-    out: list[str] = []
-    dot = hyphen = True
-    for c in s:
-        if len(out) >= HOST_NAME_MAX:
-            break
-        if c == ".":
-            if not (dot or hyphen):
-                out.append(c)
-                dot, hyphen = True, False
-        elif c == "-":
-            if not dot:
-                out.append(c)
-                dot, hyphen = False, True
-        elif c in _LDH:
-            out.append(c)
-            dot = hyphen = False
-    if out and out[-1] in ".-":
-        out.pop()
-    return "".join(out)
-
-
-def hostname_is_valid(s: str) -> bool:
-    """systemd's hostname_is_valid(s, VALID_HOSTNAME_TRAILING_DOT)."""
-    labels = s.split(".")
-    if s.endswith(".") and len(labels) > 2:  # a trailing dot, after at least two labels
-        labels.pop()
-    return (0 < len(s) <= HOST_NAME_MAX
-            and all(label and label[0] != "-" and label[-1] != "-"
-                    and all(c in _LDH or c == "-" for c in label) for label in labels))
 
 
 def parse_machine_id(data: bytes, first_line: bool = False) -> bytes:
     """16 bytes of an /etc/machine-id, b"" when it is none or all zeros. In a directory image
     252 takes exactly 32 hex digits with at most one newline (id128_read_fd, ID128_PLAIN); in a
     raw image a first line of exactly 32 characters ended by a newline (read_line() == 33)."""
-    text = data[:33] if first_line else data
-    if first_line:
-        ok = len(text) == 33 and text.endswith(b"\n")
-    else:
-        ok = len(text) == 32 or (len(text) == 33 and text.endswith(b"\n"))
+    text = data[:33] if first_line else data  # a raw image: only the first line counts
+    ok = (len(text) == 33 and text.endswith(b"\n")) or (not first_line and len(text) == 32)
     if not ok or not re.fullmatch(rb"[0-9a-fA-F]{32}", text[:32]):
         return b""
     raw = bytes.fromhex(text[:32].decode())

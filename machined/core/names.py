@@ -22,6 +22,41 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\Z")
 
 
+def hostname_is_valid_trailing_dot(name: str) -> bool:
+    """hostname_is_valid(name, VALID_HOSTNAME_TRAILING_DOT): also one trailing dot after two
+    labels or more."""
+    if name.endswith(".") and name.count(".") >= 2:
+        return len(name) <= HOST_NAME_MAX and machine_name_is_valid(name[:-1])
+    return machine_name_is_valid(name)
+
+
+_LDH = frozenset(string.ascii_letters + string.digits)
+
+
+def hostname_cleanup(s: str) -> str:
+    """Letters, digits, single dots and hyphens kept, no label starting with a hyphen or dot,
+    at most HOST_NAME_MAX characters, one trailing dot or hyphen cut (systemd's)."""
+    out: list[str] = []
+    dot = hyphen = True
+    for c in s:
+        if len(out) >= HOST_NAME_MAX:
+            break
+        if c == ".":
+            if not (dot or hyphen):
+                out.append(c)
+                dot, hyphen = True, False
+        elif c == "-":
+            if not dot:
+                out.append(c)
+                dot, hyphen = False, True
+        elif c in _LDH:
+            out.append(c)
+            dot = hyphen = False
+    if out and out[-1] in ".-":
+        out.pop()
+    return "".join(out)
+
+
 def image_name_is_valid(name: str) -> bool:
     """image_name_is_valid(): a file name that is not a temporary '.#' file."""
     if not name or name in (".", ".."):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .errors import ErrnoError, InvalidArgs
 from .machine import MachineClass
-from .names import machine_name_is_valid
+from .names import NAME_MAX, machine_name_is_valid
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,6 @@ def copy_args(source: str, destination: str, flags: int) -> tuple[str, str, bool
 
 
 PATH_MAX = 4096
-NAME_MAX = 255
 
 
 def split_path(path: str) -> tuple[str, str]:
