@@ -25,7 +25,6 @@ from ..core.errors import ErrnoError
 from ..core.images import Metadata, parse_hostname, parse_machine_id
 from . import fs as lfs
 
-READ_MAX = 4 * 1024 * 1024 - 1  # systemd's READ_FULL_BYTES_MAX
 GENERIC_LINUX = uuid.UUID("0fc63daf-8483-4772-8e79-3d69d8477de4")
 # Discoverable Partitions Specification: root and /usr types per architecture.
 ROOT_TYPES = {
@@ -112,9 +111,7 @@ def tree_metadata(root: str, raw_image: bool = False) -> Metadata:
 
     def read(rel: str) -> bytes | None:
         try:
-            fd = lfs.open_in_root(root, rel)
-            with os.fdopen(fd, "rb") as f:
-                return f.read(READ_MAX)
+            return lfs.read_in_root(root, rel)
         except OSError:
             return None
 
@@ -138,9 +135,7 @@ def _os_release(root: str, raw_image: bool) -> bytes | None:
     """/etc/os-release, or /usr/lib/os-release only when the former does not exist."""
     for rel in ("/etc/os-release", "/usr/lib/os-release"):
         try:
-            fd = lfs.open_in_root(root, rel)
-            with os.fdopen(fd, "rb") as f:
-                return f.read(READ_MAX)
+            return lfs.read_in_root(root, rel)
         except FileNotFoundError:
             continue
         except OSError:

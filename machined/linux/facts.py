@@ -11,7 +11,7 @@ import threading
 
 from ..core.errors import CHILD_DIED, ErrnoError, Failed
 from . import namespaces as ns
-from .fs import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
+from .fs import READ_FULL_MAX, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 from .process import read_proc
 
 IFA_F_DEPRECATED = 0x20
@@ -19,7 +19,6 @@ RT_SCOPE_HOST = 254
 RT_SCOPE_NOWHERE = 255
 _ADDR_LEN = {socket.AF_INET: 4, socket.AF_INET6: 16}
 NO_OS_RELEASE = "Machine does not contain OS release information"
-OS_RELEASE_MAX = 4 * 1024 * 1024 - 1  # systemd's READ_FULL_BYTES_MAX
 
 
 # ---------------------------------------------------------------------------- addresses
@@ -135,10 +134,10 @@ def container_os_release(leader: int) -> bytes:
                 raise Failed(CHILD_DIED) from None
             try:
                 with os.fdopen(fd, "rb") as f:
-                    data = f.read(OS_RELEASE_MAX + 1)  # the container may offer /dev/zero
+                    data = f.read(READ_FULL_MAX + 1)  # the container may offer /dev/zero
             except OSError:  # a directory, say: what 252's reading child dies of
                 raise Failed(CHILD_DIED) from None
-            if len(data) > OS_RELEASE_MAX:
+            if len(data) > READ_FULL_MAX:
                 raise ErrnoError(errno.E2BIG)  # 252's read_full_stream() limit
             return data
         raise Failed(NO_OS_RELEASE)

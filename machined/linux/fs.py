@@ -169,6 +169,9 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
                                   ctypes.c_size_t(len(how))), path)
 
 
+READ_FULL_MAX = 4 * 1024 * 1024 - 1  # systemd's READ_FULL_BYTES_MAX
+
+
 def open_in_root(root: str, relpath: str) -> int:
     """Open `relpath` below `root` with every symlink resolved as if `root` were "/"."""
     rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -176,6 +179,12 @@ def open_in_root(root: str, relpath: str) -> int:
         return openat2(rootfd, relpath.lstrip("/"), os.O_RDONLY | os.O_CLOEXEC, RESOLVE_IN_ROOT)
     finally:
         os.close(rootfd)
+
+
+def read_in_root(root: str, relpath: str) -> bytes:
+    """The first READ_FULL_MAX bytes of `relpath` below `root`, opened as open_in_root()."""
+    with os.fdopen(open_in_root(root, relpath), "rb") as f:
+        return f.read(READ_FULL_MAX)
 
 
 def block_size(fd: int) -> int:
