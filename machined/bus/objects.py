@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
 import types
@@ -346,9 +345,8 @@ class Dispatcher:
                 if run is None:
                     raise
                 # run again from the start with the answer, as 252's sd-bus does
-                result = run(Call(self, msg, answered.answer))
-                if inspect.isawaitable(result):
-                    result = await result
+                self._settle(msg, reply, run(Call(self, msg, answered.answer)))
+                return
             reply(msg, result)
         except asyncio.CancelledError:
             raise  # the daemon is stopping: no reply, as 252 gives none when it exits

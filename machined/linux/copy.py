@@ -67,12 +67,12 @@ class _TreeCopy:
         self.owner = owner
         self.links: HardLinks | None = None
 
-    def entry(self, src_dir: int, src: str, dst_dir: int, dst: str, depth: int = 0) -> None:
+    def entry(self, src_dir: int, src: str, dst_dir: int, dst: str) -> None:
         st = os.stat(src, dir_fd=src_dir, follow_symlinks=False)
         uid = st.st_uid if self.owner.uid is None else self.owner.uid
         gid = st.st_gid if self.owner.gid is None else self.owner.gid
         if stat.S_ISDIR(st.st_mode):
-            self._dir(src_dir, src, dst_dir, dst, st, uid, gid, depth)
+            self._dir(src_dir, src, dst_dir, dst, st, uid, gid)
             return
         replace = self.replace
         if stat.S_ISLNK(st.st_mode):  # symlinks are copied, never linked (as in 252)
@@ -97,7 +97,7 @@ class _TreeCopy:
             links.remember(st, dst_dir, dst)
 
     def _dir(self, src_dir: int, src: str, dst_dir: int, dst: str, st: os.stat_result,
-             uid: int, gid: int, depth: int) -> None:
+             uid: int, gid: int) -> None:
         fin = os.open(src, _DIR, dir_fd=src_dir)
         try:
             created = True
@@ -106,14 +106,14 @@ class _TreeCopy:
             except FileExistsError:
                 created = False  # merged into, and left with its own owner, mode and times
             fout = os.open(dst, _DIR, dir_fd=dst_dir)  # ENOTDIR where something else is
-            store = HardLinks(fout) if depth == 0 else None
+            store = HardLinks(fout) if self.links is None else None  # the top directory
             if store is not None:
                 self.links = store
             failed: OSError | None = None
             try:
                 for name in os.listdir(fin):
                     try:
-                        self.entry(fin, name, fout, name, depth + 1)
+                        self.entry(fin, name, fout, name)
                     except FileExistsError:
                         pass  # left as it is, as 252 leaves it
                     except OSError as e:

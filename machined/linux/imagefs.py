@@ -345,7 +345,7 @@ def _clone_tree(image: Image, tmp: str, read_only: bool) -> None:
             lfs.set_immutable(tmp, True)
 
 
-def _other_file_systems(root: str) -> list[str]:
+def _other_file_systems(root: str) -> set[str]:
     """Directories below `root` (relative to it) that are another file system: mount points,
     and nested btrfs subvolumes; a copy of the tree does not go into them."""
     top = os.path.realpath(root)
@@ -358,7 +358,7 @@ def _other_file_systems(root: str) -> list[str]:
                 if os.lstat(path).st_dev != device:
                     found.add(os.path.relpath(path, top))
                     dirnames.remove(d)
-    return sorted(found)
+    return found
 
 
 def _clone_raw(image: Image, tmp: str, read_only: bool) -> None:

@@ -281,6 +281,8 @@ class ScopeSettings:
 
 
 KILL_MODES = ("control-group", "process", "mixed", "none")
+# the scope properties this backend applies, with their D-Bus types
+APPLIED_TYPES = {"Slice": "s", "KillSignal": "i", "KillMode": "s", "TimeoutStopUSec": "t"}
 
 
 def scope_settings(properties: ScopeProperties) -> ScopeSettings:
@@ -288,11 +290,10 @@ def scope_settings(properties: ScopeProperties) -> ScopeSettings:
     refuses them (a value of another D-Bus type is ENXIO, as sd_bus_message_read() gives;
     the rest are InvalidArgs in systemd's words). Others are accepted and not applied."""
     settings = ScopeSettings()
-    types = {"Slice": "s", "KillSignal": "i", "KillMode": "s", "TimeoutStopUSec": "t"}
     for name, (sig, value) in properties:
-        if name not in types:
+        if name not in APPLIED_TYPES:
             continue
-        if sig != types[name]:
+        if sig != APPLIED_TYPES[name]:
             raise ErrnoError(errno.ENXIO)
         if name == "Slice":
             if not unit_name_is_valid(value) or "@" in value:
