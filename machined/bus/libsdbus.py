@@ -1,7 +1,8 @@
 """The one place that calls into the sd-bus sdbus is linked with, through ctypes, for
 what sdbus 0.14 does not wrap: fallback vtables and node enumerators (bus/fallback.py), local
-match callbacks (bus/privileged.py), message header flags (bus/msgflags.py) and the order of a
-vtable's members (for introspection in 252's order).
+match callbacks (bus/privileged.py), message header flags (bus/msgflags.py), the order of a
+vtable's members (for introspection in 252's order) and the two functions sdbus's method
+callback calls on every call (`shortcut_method_callbacks`).
 
 sdbus's Python objects hold their C pointers right after the PyObject header; the struct
 layouts read here are sdbus 0.14's (pinned) and every accessor checks what it reads against
@@ -10,8 +11,12 @@ the live object before trusting it.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import inspect
+import itertools
 import sys
+from collections.abc import Callable
 from functools import cache
 
 from sdbus import sd_bus_internals
@@ -158,3 +163,40 @@ def signature(ptr: int) -> str:
     """The complete signature of a message's body."""
     sig = lib().sd_bus_message_get_signature(ptr, 1)
     return sig.decode() if sig else ""
+
+
+_KEPT: list[object] = []
+
+
+def shortcut_method_callbacks(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """Give sdbus's method callback cheaper equivalents of the two functions it calls on every
+    incoming call; returns what puts the originals back.
+
+    sdbus keeps `asyncio.get_running_loop` and `inspect.iscoroutinefunction` in C globals of its
+    module, and its method callback calls both for every call: the first makes a getpid()
+    system call on Python 3.11, the second five Python calls. Together they were about 3,500 of
+    a lookup's 28,000 instructions (docs/benchmarks.md). In our daemon their answers never
+    change: one event loop runs for the daemon's whole life, and no method callback is a
+    coroutine function (bus/objects.py builds them all, and checks). So the globals get C
+    callables that give the same answers at once: the loop (sdbus's signal callbacks and its
+    loop binding ask for it too, and get the same one) and False.
+    """
+    so = ctypes.CDLL(sd_bus_internals.__file__)
+    slots = {name: ctypes.c_void_p.in_dll(so, name)
+             for name in ("asyncio_get_running_loop", "is_coroutine_function")}
+    originals = {"asyncio_get_running_loop": asyncio.get_running_loop,
+                 "is_coroutine_function": inspect.iscoroutinefunction}
+    if any(slot.value != id(originals[name]) for name, slot in slots.items()):
+        raise Unavailable("sdbus's module globals are not the expected ones")
+    shortcuts = {"asyncio_get_running_loop": itertools.repeat(loop).__next__,
+                 "is_coroutine_function": frozenset().__contains__}
+    _KEPT.extend(shortcuts.values())  # sdbus does not own what its globals point to now
+    for name, slot in slots.items():
+        slot.value = id(shortcuts[name])
+
+    def undo() -> None:
+        for name, slot in slots.items():
+            if slot.value == id(shortcuts[name]):
+                slot.value = id(originals[name])
+
+    return undo

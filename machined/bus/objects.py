@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import types
@@ -138,6 +139,11 @@ class Dispatcher:
         # sd-bus drops an object when its vtable object is garbage-collected: keep them here.
         self._exports: dict[tuple[str, str], SdBusInterface] = {}
         self._privileged: PrivilegedMethods | None = None
+        self._undo_shortcuts: Callable[[], None] | None = None
+        try:
+            self._undo_shortcuts = libsdbus.shortcut_method_callbacks(asyncio.get_running_loop())
+        except Unavailable as e:  # each call then costs sdbus's own checks, nothing else changes
+            log.warning("sdbus's method callback keeps its per-call checks: %s", e)
 
     # ------------------------------------------------------------- credentials
     async def watch_peers(self) -> None:
@@ -272,8 +278,11 @@ class Dispatcher:
             vtable.add_property(prop.name, prop.sig, getter(prop), _setter(prop), flags)
         for method in iface.methods:
             flags = 0 if method.privileged else sdbus.DbusUnprivilegedFlag
+            dispatch = callback(method)
+            if inspect.iscoroutinefunction(dispatch):  # see libsdbus.shortcut_method_callbacks
+                raise TypeError(f"{method.name}: sdbus is told no method callback is a coroutine")
             vtable.add_method(method.name, method.in_sig, list(method.in_names), method.out_sig,
-                              list(method.out_names), flags, callback(method))
+                              list(method.out_names), flags, dispatch)
         for sig in iface.signals:
             vtable.add_signal(sig.name, sig.sig, list(sig.names), 0)
         try:
@@ -373,6 +382,8 @@ class Dispatcher:
     def close(self) -> None:
         if self._privileged is not None:
             self._privileged.close()
+        if self._undo_shortcuts is not None:
+            self._undo_shortcuts()
 
 
 def _replier(method: Method) -> Callable[[SdBusMessage, Any], None]:
