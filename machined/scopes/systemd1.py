@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -152,6 +153,9 @@ class Systemd1Backend:
         if not m.referenced:
             return
         m.referenced = False
+        # 252 drops the reference when it frees the machine, in the GC pass after the call
+        # that finalized it: UnrefUnit goes out after that call's reply.
+        await asyncio.sleep(0)
         try:
             await self._manager("UnrefUnit", "s", m.unit)
         except RemoteError as e:

@@ -30,7 +30,7 @@ from tests.helpers.real252 import (
     side_by_side,
 )
 
-from .support import FakeSystemd1, Processes
+from .support import FakeSystemd1, Monitor, Processes
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, mounts)")
 
@@ -43,6 +43,7 @@ SCOPE_PROPS = [("Description", ("s", "a scope of the caller's")), ("KillSignal",
 @dataclass
 class Side:
     who: str
+    bus: BusDaemon
     conn: SdBus
     fake: FakeSystemd1
     leaders: CgroupLeaders
@@ -79,7 +80,7 @@ def sides() -> Iterator[dict[str, Side]]:
                               on_bus=start_fake) as two:
                 assert two.real_bus is not None
                 for who, bus in (("real", two.real_bus), ("ours", two.ours_bus)):
-                    out[who] = Side(who, connect(bus), fakes[bus], leaders, procs)
+                    out[who] = Side(who, bus, connect(bus), fakes[bus], leaders, procs)
                 yield out
         finally:
             procs.cleanup()
@@ -182,3 +183,31 @@ def test_kill_and_terminate_errors_of_systemd1(sides: dict[str, Side]) -> None:
         for side in sides.values():
             side.fake.mock("SetUnitCallError", "s", "")
         both(sides, "TerminateMachine", "s", "dsys{who}5")
+
+
+def test_the_unit_reference_is_dropped_after_the_unregistration_is_answered(
+        sides: dict[str, Side]) -> None:
+    """252 finalizes a machine in UnregisterMachine (MachineRemoved goes out before the reply)
+    and frees it in the GC pass after the call, where UnrefUnit is sent."""
+    assert both(sides, "CreateMachine", "sayssusa(sv)", "dsys{who}4", b"", "", "container",
+                "{leader}", "", [])["ours"][0] == "ok"
+    orders = {}
+    for who, side in sides.items():
+        monitor = Monitor(side.bus)
+        try:
+            assert outcome(side.conn, M, MGR, "UnregisterMachine", "s", f"dsys{who}4")[0] == "ok"
+            wait_for(lambda s=side: s.fake.calls("UnrefUnit"), 10, what="UnrefUnit")
+            monitor.sync()
+            messages = monitor.snapshot()
+        finally:
+            monitor.stop()
+        call = next(m for m in messages if m.get("member") == "UnregisterMachine")
+        order = []
+        for m in messages:
+            if m.get("type") == "method_return" and m.get("reply_cookie") == call["cookie"]:
+                order.append("reply")
+            elif m.get("member") in ("MachineRemoved", "UnrefUnit"):
+                order.append(m["member"])
+        orders[who] = order
+    assert orders["real"] == ["MachineRemoved", "reply", "UnrefUnit"], orders
+    assert orders["ours"] == orders["real"]
