@@ -182,8 +182,11 @@ def shortcut_method_callbacks(loop: asyncio.AbstractEventLoop) -> Callable[[], N
     loop binding ask for it too, and get the same one) and False.
     """
     so = ctypes.CDLL(sd_bus_internals.__file__)
-    slots = {name: ctypes.c_void_p.in_dll(so, name)
-             for name in ("asyncio_get_running_loop", "is_coroutine_function")}
+    try:
+        slots = {name: ctypes.c_void_p.in_dll(so, name)
+                 for name in ("asyncio_get_running_loop", "is_coroutine_function")}
+    except ValueError as e:  # a build that does not export them
+        raise Unavailable(str(e)) from None
     originals = {"asyncio_get_running_loop": asyncio.get_running_loop,
                  "is_coroutine_function": inspect.iscoroutinefunction}
     if any(slot.value != id(originals[name]) for name, slot in slots.items()):

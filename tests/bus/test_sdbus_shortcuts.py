@@ -13,6 +13,7 @@ import pytest
 from sdbus import sd_bus_internals
 from sdbus.sd_bus_internals import SdBus, sd_bus_open_system
 
+from machined.bus import libsdbus
 from machined.bus.objects import Dispatcher, Interface, Method
 from tests.helpers.busdaemon import BusDaemon
 
@@ -81,4 +82,17 @@ def test_calls_and_signals_work_with_the_shortcuts_and_close_undoes_them(
         private_bus: BusDaemon) -> None:
     assert sdbus_globals() == ORIGINALS
     assert asyncio.run(scenario()) == ["ABC", "x!", 42, "pong"]
+    assert sdbus_globals() == ORIGINALS
+
+
+def test_globals_that_are_not_sdbus_own_are_left_alone() -> None:
+    async def twice() -> None:
+        undo = libsdbus.shortcut_method_callbacks(asyncio.get_running_loop())
+        try:
+            with pytest.raises(libsdbus.Unavailable):  # they point at the shortcuts now
+                libsdbus.shortcut_method_callbacks(asyncio.get_running_loop())
+        finally:
+            undo()
+
+    asyncio.run(twice())
     assert sdbus_globals() == ORIGINALS
