@@ -105,15 +105,27 @@ def _has_file_system(path: str) -> bool:
 
 def tree_metadata(root: str, raw_image: bool = False) -> Metadata:
     """hostname, machine-id, machine-info and os-release of an image tree, symlinks resolved
-    inside it, as 252 reads them: an item that is missing, unreadable or malformed is left
-    empty (252 logs and ignores it), except that an os-release in a raw image that is there but
-    cannot be read fails the whole reading (`raw_image`: the tree of a mounted raw image)."""
+    inside it, as 252 reads them (`raw_image`: the tree of a mounted raw image). In a
+    directory image an item that is missing, unreadable or malformed is left empty (252 logs
+    and ignores it), and /usr/lib/os-release is read only when /etc/os-release does not exist.
+    In a raw image a file that does not open is passed over (os-release: for the next one),
+    and one that opens but does not read (a directory) fails the whole reading."""
 
-    def read(rel: str) -> bytes | None:
-        try:
-            return lfs.read_in_root(root, rel)
-        except OSError:
-            return None
+    def read(*candidates: str) -> bytes | None:
+        for rel in candidates:
+            try:
+                return lfs.read_in_root(root, rel)
+            except lfs.ReadFailed:
+                if raw_image:
+                    raise
+                return None
+            except FileNotFoundError:
+                continue
+            except OSError:
+                if raw_image:
+                    continue
+                return None
+        return None
 
     def pairs(data: bytes | None) -> tuple[tuple[str, str], ...]:
         try:
@@ -127,22 +139,8 @@ def tree_metadata(root: str, raw_image: bool = False) -> Metadata:
         parse_hostname(hostname.decode("utf-8", "replace")) if hostname is not None else "",
         parse_machine_id(machine_id, first_line=raw_image) if machine_id is not None else b"",
         pairs(read("/etc/machine-info")),
-        pairs(_os_release(root, raw_image)),
+        pairs(read("/etc/os-release", "/usr/lib/os-release")),
     )
-
-
-def _os_release(root: str, raw_image: bool) -> bytes | None:
-    """/etc/os-release, or /usr/lib/os-release only when the former does not exist."""
-    for rel in ("/etc/os-release", "/usr/lib/os-release"):
-        try:
-            return lfs.read_in_root(root, rel)
-        except FileNotFoundError:
-            continue
-        except OSError:
-            if raw_image:
-                raise
-            return None
-    return None
 
 
 def read_metadata(path: str) -> Metadata:
@@ -185,7 +183,7 @@ def _mount(image: str, offset: int, size: int, where: str) -> None:
     dev = _tool("losetup", "--find", "--show", "--read-only", "--offset", str(offset),
                 "--sizelimit", str(size), image)
     try:
-        _tool("mount", "-o", "ro", dev, where)
+        _tool("mount", "-o", "ro,nodev", dev, where)  # 252 mounts with MS_NODEV too
     finally:
         subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
 
@@ -212,7 +210,8 @@ def _child(argv: list[str]) -> int:
         return 1
     finally:
         for where in reversed(mounted):
-            subprocess.run(["umount", where], check=False, capture_output=True)
+            # lazily: a file still open in it must not keep the directory below from going
+            subprocess.run(["umount", "--lazy", where], check=False, capture_output=True)
         for leftover in (os.path.join(top, "usr"), top):
             with contextlib.suppress(OSError):
                 os.rmdir(leftover)

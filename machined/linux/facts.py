@@ -11,7 +11,7 @@ import threading
 
 from ..core.errors import CHILD_DIED, ErrnoError, Failed
 from . import namespaces as ns
-from .fs import READ_FULL_MAX, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
+from .fs import READ_FULL_MAX, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2, read_opened
 from .process import read_proc
 
 IFA_F_DEPRECATED = 0x20
@@ -126,17 +126,16 @@ def container_os_release(leader: int) -> bytes:
     try:
         for path in ("etc/os-release", "usr/lib/os-release"):
             try:
-                fd = openat2(root, path, os.O_RDONLY | os.O_CLOEXEC,
-                             RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+                where = openat2(root, path, os.O_PATH | os.O_CLOEXEC,
+                                RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
             except FileNotFoundError:
                 continue
             except OSError:
                 raise Failed(CHILD_DIED) from None
-            try:
-                with os.fdopen(fd, "rb") as f:
-                    data = f.read(READ_FULL_MAX + 1)  # the container may offer /dev/zero
-            except OSError:  # a directory, say: what 252's reading child dies of
-                raise Failed(CHILD_DIED) from None
+            try:  # the container may offer /dev/zero, which 252 reads too
+                data = read_opened(where, READ_FULL_MAX + 1, devices=True)
+            except OSError:  # a directory, say: what 252's reading child dies of (a FIFO or a
+                raise Failed(CHILD_DIED) from None  # terminal would hang 252: not us)
             if len(data) > READ_FULL_MAX:
                 raise ErrnoError(errno.E2BIG)  # 252's read_full_stream() limit
             return data

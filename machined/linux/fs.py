@@ -10,6 +10,7 @@ import errno
 import fcntl
 import os
 import re
+import stat
 import struct
 import threading
 from functools import cache
@@ -172,19 +173,58 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
 READ_FULL_MAX = 4 * 1024 * 1024 - 1  # systemd's READ_FULL_BYTES_MAX
 
 
-def open_in_root(root: str, relpath: str) -> int:
+def open_in_root(root: str, relpath: str, flags: int = os.O_RDONLY) -> int:
     """Open `relpath` below `root` with every symlink resolved as if `root` were "/"."""
     rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return openat2(rootfd, relpath.lstrip("/"), os.O_RDONLY | os.O_CLOEXEC, RESOLVE_IN_ROOT)
+        return openat2(rootfd, relpath.lstrip("/"), flags | os.O_CLOEXEC, RESOLVE_IN_ROOT)
     finally:
         os.close(rootfd)
 
 
+class ReadFailed(OSError):
+    """The file opened (or would have: a directory) but could not be read. 252's reader of
+    raw images tells the two apart: a file that does not open is skipped, one that does not
+    read fails the whole reading."""
+
+
 def read_in_root(root: str, relpath: str) -> bytes:
-    """The first READ_FULL_MAX bytes of `relpath` below `root`, opened as open_in_root()."""
-    with os.fdopen(open_in_root(root, relpath), "rb") as f:
-        return f.read(READ_FULL_MAX)
+    """The first READ_FULL_MAX bytes of the file `relpath` below `root`, resolved as
+    open_in_root() resolves it, and read as read_opened() reads it (no device nodes: those an
+    image brings are not opened at all; 252 mounts raw images "nodev", which gives EACCES)."""
+    return read_opened(open_in_root(root, relpath, os.O_PATH), READ_FULL_MAX, devices=False)
+
+
+def read_opened(where: int, limit: int, devices: bool) -> bytes:
+    """The first `limit` bytes of the file that the O_PATH descriptor `where` (closed here)
+    stands for, looked at before it is opened for reading, so that nothing can make the
+    reader wait for good: a socket is ENXIO (as open() gives), a FIFO EBADFD (it would block),
+    a device node EACCES unless `devices`; a directory is ReadFailed EISDIR (as read() gives).
+    Devices are read without blocking (a terminal with nothing to read is EAGAIN)."""
+    try:
+        mode = os.fstat(where).st_mode
+        if stat.S_ISDIR(mode):
+            raise ReadFailed(errno.EISDIR, os.strerror(errno.EISDIR))
+        refused = (errno.ENXIO if stat.S_ISSOCK(mode) else
+                   errno.EBADFD if stat.S_ISFIFO(mode) else
+                   errno.EACCES if not devices and (stat.S_ISCHR(mode) or stat.S_ISBLK(mode))
+                   else 0)
+        if refused:
+            raise OSError(refused, os.strerror(refused))
+        fd = os.open(f"/proc/self/fd/{where}",
+                     os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    finally:
+        os.close(where)
+    try:
+        chunks, left = [], limit
+        while left and (chunk := os.read(fd, min(left, 1 << 16))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        raise ReadFailed(e.errno, e.strerror) from e
+    finally:
+        os.close(fd)
 
 
 def block_size(fd: int) -> int:

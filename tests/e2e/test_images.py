@@ -21,7 +21,15 @@ import pytest
 from tests.bus.test_auth import polkit, polkit_allow  # noqa: F401  (fixture)
 from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.daemon import Machined, busctl, clean_state, have
-from tests.helpers.images import Pool, is_immutable, loop_devices_of, mounts_below, run
+from tests.helpers.images import (
+    Pool,
+    is_immutable,
+    loop_devices_of,
+    make_node,
+    make_tree,
+    mounts_below,
+    run,
+)
 
 from .support import DEST, MANAGER, MANAGER_PATH, Nspawn, Processes, machinectl
 
@@ -564,3 +572,43 @@ def test_image_objects_follow_the_disk(imaged: Machined, bus: BusDaemon, pool: P
     assert gone.returncode != 0 and f"Unknown object '{path}'" in gone.stderr
     bad = "/org/freedesktop/machine1/image/_2e_2e_2fetc"  # "../etc"
     assert busctl(bus, "introspect", DEST, bad, check=False).returncode != 0
+
+
+def test_metadata_files_that_are_not_regular_files_cost_nothing(imaged: Machined, bus: BusDaemon,
+                                                                 pool: Pool) -> None:
+    """Directories, FIFOs, sockets and device nodes where an image's /etc files are: every call
+    answers at once and leaves nothing behind. A directory used to leak a descriptor per call
+    (and, in a raw image, a busy mount point under /tmp); a FIFO held a worker thread for good
+    (252 waits on it for good)."""
+    odd = pool.directory("odd")
+    for name, kind in (("hostname", "dir"), ("machine-info", "fifo"), ("machine-id", "zero"),
+                       ("os-release", "socket")):
+        (odd / "etc" / name).unlink(missing_ok=True)
+        make_node(odd / "etc" / name, kind)
+    tree = pool.root / "src-oddr"
+    make_tree(tree)
+    (tree / "etc/hostname").unlink()
+    make_node(tree / "etc/hostname", "dir")
+    (tree / "etc/machine-info").unlink()
+    make_node(tree / "etc/machine-info", "fifo")
+    run("truncate", "-s", "8M", str(pool.pool / "oddr.raw"))
+    run("mkfs.ext4", "-q", "-F", "-d", str(tree), str(pool.pool / "oddr.raw"))
+
+    scratch = set(Path("/tmp").glob("machined-image-*"))
+    fds = len(os.listdir(f"/proc/{imaged.pid}/fd"))
+    for _ in range(10):
+        assert call(bus, "GetImageHostname", "s", "odd") == [""]
+        assert call(bus, "GetImageMachineInfo", "s", "odd") == [{}]
+        assert call(bus, "GetImageMachineID", "s", "odd") == [[]]
+        assert call(bus, "GetImageOSRelease", "s", "odd") == [{}]
+        # as 252: the directory opens but does not read, which fails the raw image's reading
+        assert error(bus, "GetImageHostname", "s", "oddr") == \
+            "System.Error.EISDIR: Failed to read image metadata: Is a directory"
+    assert len(os.listdir(f"/proc/{imaged.pid}/fd")) <= fds + 2  # was +1 per call
+    assert set(Path("/tmp").glob("machined-image-*")) == scratch
+
+    (tree / "etc/hostname").rmdir()
+    (tree / "etc/hostname").write_text("oddhost\n")
+    run("mkfs.ext4", "-q", "-F", "-d", str(tree), str(pool.pool / "oddr.raw"))
+    assert call(bus, "GetImageHostname", "s", "oddr") == ["oddhost"]
+    assert call(bus, "GetImageMachineInfo", "s", "oddr") == [{}]  # the FIFO is passed over

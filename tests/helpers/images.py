@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -32,6 +34,25 @@ def make_tree(path: Path, hostname: str = "tinyhost", os_id: str = "tiny",
         (path / "etc/machine-id").write_text(machine_id + "\n")
     (path / "etc/machine-info").write_text("DEPLOYMENT=test\n")
     return path
+
+
+def make_node(path: Path, kind: str) -> None:
+    """Something other than a regular file at `path`: "dir", "fifo", "socket", or the device
+    node "null" or "zero" (mknod: root only)."""
+    if kind == "dir":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        cwd = os.getcwd()
+        os.chdir(path.parent)  # a relative name: test paths may be longer than sun_path
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.bind(path.name)
+        finally:
+            os.chdir(cwd)
+    else:
+        os.mknod(path, stat.S_IFCHR | 0o644, os.makedev(1, {"null": 3, "zero": 5}[kind]))
 
 
 def deep_tree(top: Path, levels: int, name: str = "abcdefgh") -> None:
