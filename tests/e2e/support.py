@@ -216,12 +216,19 @@ class Processes:
         self.extra_pids.append(pid)
 
     def cleanup(self) -> None:
-        for p in self.procs:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
+        # Containers' PID 1 first: their systemd-nspawn then exits by itself and releases its
+        # lock files under /run/systemd/nspawn/locks, which a SIGKILLed nspawn leaves behind.
         for pid in self.extra_pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        for p in self.procs:
+            if self.extra_pids and isinstance(p.args, list) and p.args[0] == "systemd-nspawn":
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
         for p in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(5)
