@@ -291,7 +291,9 @@ def _cp(*args: str) -> None:
         err = next((code for code in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
                                       errno.ENAMETOOLONG, errno.EROFS)
                     if os.strerror(code) in out.stderr), errno.EIO)
-        raise OSError(err, f"cp: {out.stderr.strip()}")
+        lines = out.stderr.strip().splitlines()  # one per failing file: a full pool, say
+        more = f" (and {len(lines) - 3} more lines)" if len(lines) > 3 else ""
+        raise OSError(err, "cp: " + "; ".join(lines[:3]) + more)
 
 
 class _Top:
