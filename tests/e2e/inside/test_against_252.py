@@ -296,6 +296,12 @@ def test_copies(pair: Pair) -> None:
         ("CopyToMachine", "sss", (n, f"{host}/{'x' * 256}", "/tmp/long-{who}")),
         ("CopyFromMachine", "sss", (n, "/" + "d/" * 2048 + "f", f"{host}/long-{{who}}")),
         ("CopyFromMachine", "sss", (n, "/", f"{host}/root-{{who}}")),
+        # a directory onto a file that is there, and the other way round
+        ("CopyToMachine", "sss", (n, f"{host}/dir", "/tmp/file-{who}")),
+        ("CopyToMachineWithFlags", "ssst", (n, f"{host}/dir", "/tmp/file-{who}", 1)),
+        ("CopyFromMachine", "sss", (n, "/tmp/dir-{who}", f"{host}/hostname-{{who}}")),
+        ("CopyFromMachineWithFlags", "ssst", (n, "/tmp/dir-{who}", f"{host}/hostname-{{who}}", 1)),
+        ("CopyToMachineWithFlags", "ssst", (n, f"{host}/file", "/tmp/dir-{who}", 1)),
     ]
     for member, sig, args in steps:
         same(both(pair, member, sig, *args))
@@ -343,6 +349,8 @@ def test_bind_mount_errors(pair: Pair) -> None:
     n, host = pair.ct.name, pair.host
     for args in ((n, f"{host}/nope", "/mnt/nope", False, True), (n, "rel", "/mnt/x", False, True),
                  (n, f"{host}/dir", "rel", False, True), (n, f"{host}/dir", "/a/../b", False, True),
+                 (n, f"{host}/dir", "/etc/hostname", False, False),
+                 (n, f"{host}/file", "/etc", False, False),
                  *([(n, f"{host}/dir", "/mnt/dir", False, True)] if pair.userns else [])):
         same(both(pair, "BindMountMachine", "sssbb", *args))
 
