@@ -19,6 +19,7 @@ import pytest
 
 from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.daemon import Machined, busctl, have
+from tests.helpers.images import make_node
 
 from ..support import (
     DEST,
@@ -159,6 +160,23 @@ def test_os_release_list_status(bus: BusDaemon, ct: Nspawn) -> None:
     status = machinectl(bus, "status", ct.name).stdout
     assert re.search(r"^\s*OS: Tiny busybox OS$", status, re.M), status
     assert "UID Shift" not in status
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket"])
+def test_os_release_that_is_not_a_file_is_refused_at_once(bus: BusDaemon, ct: Nspawn,
+                                                          tree: Path, kind: str) -> None:
+    """A FIFO would have blocked the daemon's event loop for good (252 waits on it too)."""
+    etc = tree / "etc/os-release"
+    saved = os.readlink(etc)
+    etc.unlink()
+    try:
+        make_node(etc, kind)
+        err = call_error(bus, "GetMachineOSRelease", "s", ct.name)
+        assert err == "Child died abnormally.", err
+        assert mcall_data(bus, "GetMachine", "s", ct.name)  # and the daemon goes on serving
+    finally:
+        etc.unlink()
+        etc.symlink_to(saved)
 
 
 def bjson_machine(bus: BusDaemon, name: str, method: str) -> object:
