@@ -108,22 +108,23 @@ def tree_metadata(root: str, raw_image: bool = False) -> Metadata:
     inside it, as 252 reads them (`raw_image`: the tree of a mounted raw image). In a
     directory image an item that is missing, unreadable or malformed is left empty (252 logs
     and ignores it), and /usr/lib/os-release is read only when /etc/os-release does not exist.
-    In a raw image a file that does not open is passed over (os-release: for the next one),
-    and one that opens but does not read (a directory) fails the whole reading."""
+    In a raw image a file that is there but does not open is passed over (os-release: for the
+    next one), and one that opens but does not read (a directory), or a path that does not
+    resolve (a symlink loop), fails the whole reading."""
 
     def read(*candidates: str) -> bytes | None:
         for rel in candidates:
             try:
                 return lfs.read_in_root(root, rel)
-            except lfs.ReadFailed:
-                if raw_image:
-                    raise
-                return None
             except FileNotFoundError:
                 continue
-            except OSError:
+            except lfs.NotOpened:
                 if raw_image:
                     continue
+                return None
+            except OSError:  # ReadFailed, or the path did not resolve
+                if raw_image:
+                    raise
                 return None
         return None
 

@@ -182,10 +182,15 @@ def open_in_root(root: str, relpath: str, flags: int = os.O_RDONLY) -> int:
         os.close(rootfd)
 
 
+class NotOpened(OSError):
+    """The file is there but does not open for reading (or is not opened: see read_opened)."""
+
+
 class ReadFailed(OSError):
     """The file opened (or would have: a directory) but could not be read. 252's reader of
-    raw images tells the two apart: a file that does not open is skipped, one that does not
-    read fails the whole reading."""
+    raw images tells these apart: a file that does not open is passed over, one that does not
+    read fails the whole reading, and so does a path that does not resolve (other than a
+    missing file)."""
 
 
 def read_in_root(root: str, relpath: str) -> bytes:
@@ -198,9 +203,10 @@ def read_in_root(root: str, relpath: str) -> bytes:
 def read_opened(where: int, limit: int, devices: bool) -> bytes:
     """The first `limit` bytes of the file that the O_PATH descriptor `where` (closed here)
     stands for, looked at before it is opened for reading, so that nothing can make the
-    reader wait for good: a socket is ENXIO (as open() gives), a FIFO EBADFD (it would block),
-    a device node EACCES unless `devices`; a directory is ReadFailed EISDIR (as read() gives).
-    Devices are read without blocking (a terminal with nothing to read is EAGAIN)."""
+    reader wait for good: a socket is NotOpened ENXIO (as open() gives), a FIFO EBADFD (it
+    would block), a device node EACCES unless `devices`; a directory is ReadFailed EISDIR (as
+    read() gives). Devices are read without blocking (a terminal with nothing to read is
+    EAGAIN)."""
     try:
         mode = os.fstat(where).st_mode
         if stat.S_ISDIR(mode):
@@ -210,9 +216,12 @@ def read_opened(where: int, limit: int, devices: bool) -> bytes:
                    errno.EACCES if not devices and (stat.S_ISCHR(mode) or stat.S_ISBLK(mode))
                    else 0)
         if refused:
-            raise OSError(refused, os.strerror(refused))
-        fd = os.open(f"/proc/self/fd/{where}",
-                     os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+            raise NotOpened(refused, os.strerror(refused))
+        try:
+            fd = os.open(f"/proc/self/fd/{where}",
+                         os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        except OSError as e:
+            raise NotOpened(e.errno, e.strerror) from e
     finally:
         os.close(where)
     try:

@@ -207,6 +207,7 @@ METADATA = [
     # not regular files (a FIFO is left out: 252 would wait on it for good)
     {"os-release": "socket", "hostname": "null", "machine-id": "zero", "machine-info": "socket"},
     {"os-release": "zero", "hostname": None, "machine-info": "null"},
+    {"os-release": "loop", "hostname": "loop"},
 ]
 
 

@@ -37,10 +37,12 @@ def make_tree(path: Path, hostname: str = "tinyhost", os_id: str = "tiny",
 
 
 def make_node(path: Path, kind: str) -> None:
-    """Something other than a regular file at `path`: "dir", "fifo", "socket", or the device
-    node "null" or "zero" (mknod: root only)."""
+    """Something other than a regular file at `path`: "dir", "fifo", "socket", "loop" (a
+    symlink to itself), or the device node "null" or "zero" (mknod: root only)."""
     if kind == "dir":
         path.mkdir()
+    elif kind == "loop":
+        path.symlink_to(path.name)
     elif kind == "fifo":
         os.mkfifo(path)
     elif kind == "socket":
