@@ -22,6 +22,7 @@ from typing import Any
 
 from sdbus.sd_bus_internals import SdBus, SdBusInterface
 
+from ..core.errors import ErrnoError
 from . import libsdbus
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class FallbackVtable:
                  ret_found: Any, _error: int) -> int:
         try:
             obj = self._find(path.decode())
+        except (OSError, ErrnoError) as e:  # the lookup's own failure: sd-bus answers its errno
+            return -(e.errno or errno.EIO)  # (252: ENAMETOOLONG, ELOOP, ...)
         except Exception:  # noqa: BLE001 - never let an exception unwind into sd-bus
             log.exception("Object lookup failed for %r", path)
             return -errno.EIO

@@ -64,9 +64,10 @@ def is_btrfs(path: str) -> bool:
 _STATX_BASIC = 0x7FF
 _STATX_ATTR_IMMUTABLE = 0x10
 _STATX_ATTR_MOUNT_ROOT = 0x2000
-# statx up to stx_dev_minor: mask, blksize, attributes, nlink, uid, gid, mode, ino, size,
-# blocks, attributes_mask, (atime), btime, (ctime), mtime, rdev, dev
-_STATX = struct.Struct("=IIQIIIH2xQQQQ16xqI4x16xqI4xIIII")
+_STATX_MNT_ID = 0x1000
+# statx up to stx_mnt_id: mask, blksize, attributes, nlink, uid, gid, mode, ino, size,
+# blocks, attributes_mask, (atime), btime, (ctime), mtime, rdev, dev, mnt_id
+_STATX = struct.Struct("=IIQIIIH2xQQQQ16xqI4x16xqI4xIIIIQ")
 _buffers = threading.local()
 
 
@@ -81,6 +82,7 @@ class Statx(NamedTuple):
     btime_usec: int  # 0: not recorded
     immutable: bool | None  # None: the file system does not say
     mount_root: bool | None  # None: the kernel does not say
+    mnt_id: int | None  # the mount it is on; None: the kernel does not say
 
 
 def statx(path: str, follow: bool = True, dir_fd: int = AT_FDCWD) -> Statx:
@@ -90,11 +92,12 @@ def statx(path: str, follow: bool = True, dir_fd: int = AT_FDCWD) -> Statx:
     if buf is None:
         buf = _buffers.statx = ctypes.create_string_buffer(256)
     flags = 0 if follow else 0x100  # AT_SYMLINK_NOFOLLOW
-    if _libc().statx(dir_fd, os.fsencode(path), flags, _STATX_BASIC | _STATX_BTIME, buf) < 0:
+    want = _STATX_BASIC | _STATX_BTIME | _STATX_MNT_ID
+    if _libc().statx(dir_fd, os.fsencode(path), flags, want, buf) < 0:
         _check(-1, path)
     (mask, _blksize, attrs, _nlink, _uid, _gid, mode, ino, size, blocks, attrs_mask,
      bsec, bnsec, msec, mnsec, rdev_major, rdev_minor, dev_major,
-     dev_minor) = _STATX.unpack_from(buf)
+     dev_minor, mnt_id) = _STATX.unpack_from(buf)
     btime = 0
     if mask & _STATX_BTIME and (bsec > 0 or bnsec):
         btime = bsec * 1_000_000 + bnsec // 1000
@@ -103,7 +106,8 @@ def statx(path: str, follow: bool = True, dir_fd: int = AT_FDCWD) -> Statx:
     mount_root = bool(attrs & _STATX_ATTR_MOUNT_ROOT) if attrs_mask & _STATX_ATTR_MOUNT_ROOT \
         else None
     return Statx(mode, ino, os.makedev(dev_major, dev_minor), os.makedev(rdev_major, rdev_minor),
-                 size, blocks, msec * 1_000_000 + mnsec // 1000, btime, immutable, mount_root)
+                 size, blocks, msec * 1_000_000 + mnsec // 1000, btime, immutable, mount_root,
+                 mnt_id if mask & _STATX_MNT_ID else None)
 
 
 def birth_time_usec(path: str, follow: bool = True) -> int:

@@ -42,7 +42,7 @@ class ScanCache:
                     st = os.stat(entry, dir_fd=fd)  # one path component to resolve
                     key = (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size,
                            st.st_blocks, st.st_mode)
-                except OSError:
+                except FileNotFoundError:  # gone meanwhile (any other error fails the listing)
                     continue
                 cached = known.get(entry)
                 if cached is not None and cached[0] == key and not cached[2]:

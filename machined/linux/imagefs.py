@@ -62,13 +62,16 @@ class _Dir:
     def __init__(self, search: SearchPath, path: str) -> None:
         self.path = path
         self.vendor = search.is_vendor_dir(path)
-        st = os.stat(path)
-        self.dev, self.ino = st.st_dev, st.st_ino
+        st = lfs.statx(path)
+        self.dev, self.ino, self.mnt_id = st.dev, st.ino, st.mnt_id
         self.read_only = lfs.mount_read_only(path)
 
     def read_only_mount(self, path: str, st: lfs.Statx) -> bool:
         # faccessat(W_OK) == EROFS: only an entry on another mount can differ from its directory
-        return self.read_only if st.dev == self.dev else lfs.mount_read_only(path)
+        # (a bind mount of the same file system too: the mount, not the device, tells)
+        if st.mnt_id is not None and st.mnt_id == self.mnt_id:
+            return self.read_only
+        return lfs.mount_read_only(path)
 
 
 def inspect(d: _Dir, name: str, path: str, st: lfs.Statx) -> Image | None:
@@ -125,18 +128,16 @@ def find(search: SearchPath, name: str) -> Image | None:
         return None
     for d in _dirs(search):
         path = f"{d.path}/{name}"
-        try:
+        try:  # only a missing entry is passed over, as in 252 (a symlink loop is ELOOP)
             st = lfs.statx(path)
         except FileNotFoundError:
             path += ".raw"
             try:
                 st = lfs.statx(path)
-            except (FileNotFoundError, NotADirectoryError):
+            except FileNotFoundError:
                 continue
             if not stat.S_ISREG(st.mode):
                 continue
-        except NotADirectoryError:
-            continue
         else:
             if not (stat.S_ISDIR(st.mode) or stat.S_ISBLK(st.mode)):
                 continue
@@ -152,9 +153,9 @@ def find(search: SearchPath, name: str) -> Image | None:
 def _entry_image(d: _Dir, entry: str) -> Image | None:
     """The image a directory entry is, if any (§10.3)."""
     path = f"{d.path}/{entry}"
-    try:
+    try:  # an entry that cannot be stat'ed fails the listing, as in 252, unless it is gone
         st = lfs.statx(path)
-    except OSError:
+    except FileNotFoundError:
         return None
     if stat.S_ISREG(st.mode):
         if not entry.endswith(".raw"):
@@ -189,7 +190,7 @@ def discover(search: SearchPath, cache: ScanCache | None = None) -> dict[str, Im
                 for image in images:
                     if image is not None and image.name not in found:
                         found[image.name] = image
-            except OSError:
+            except FileNotFoundError:  # the directory went away meanwhile
                 continue
     if HOST_IMAGE not in found:
         found[HOST_IMAGE] = host_image()

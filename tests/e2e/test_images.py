@@ -612,3 +612,20 @@ def test_metadata_files_that_are_not_regular_files_cost_nothing(imaged: Machined
     run("mkfs.ext4", "-q", "-F", "-d", str(tree), str(pool.pool / "oddr.raw"))
     assert call(bus, "GetImageHostname", "s", "oddr") == ["oddhost"]
     assert call(bus, "GetImageMachineInfo", "s", "oddr") == [{}]  # the FIFO is passed over
+
+
+def test_a_read_only_bind_mount_of_the_same_file_system_is_read_only(
+        imaged: Machined, bus: BusDaemon, pool: Pool) -> None:
+    """The mount tells, not the device: a read-only bind mount within the pool's own file
+    system makes its image read-only (as 252's faccessat(W_OK) sees EROFS)."""
+    pool.directory("robind")
+    src = pool.root / "robind-src"
+    make_tree(src)
+    where = pool.pool / "robind"
+    run("mount", "--bind", str(src), str(where))
+    pool.mounts.append(where)
+    run("mount", "-o", "remount,bind,ro", str(where))
+    pool.directory("plain")
+    listed = images(bus)
+    assert listed["robind"][2] is True and listed["plain"][2] is False
+    assert props(bus, "robind")["ReadOnly"] is True

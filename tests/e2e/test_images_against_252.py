@@ -244,3 +244,26 @@ def test_metadata_read_as_252(pair: Pair, files: dict[str, bytes | str | None]) 
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+
+
+def test_entries_that_do_not_stat(pair: Pair) -> None:
+    """Only a missing entry is passed over: a symlink through a file fails GetImage, a symlink
+    loop fails ListImages."""
+    for pool in pair.pools.values():
+        (pool / "notdir").symlink_to("junk.raw/x")
+    try:
+        differ = []
+        answers = both(pair, M, MGR, "GetImage", "s", "notdir")
+        if answers["real"] != answers["ours"]:
+            differ.append(difference("GetImage notdir", answers["real"], answers["ours"]))
+        for pool in pair.pools.values():
+            (pool / "selfloop").symlink_to("selfloop")
+        answers = both(pair, M, MGR, "ListImages")
+        assert answers["real"][0] == "error", answers["real"]
+        if answers["real"] != answers["ours"]:
+            differ.append(difference("ListImages", answers["real"], answers["ours"]))
+        assert not differ, "\n".join(differ)
+    finally:
+        for pool in pair.pools.values():
+            for name in ("notdir", "selfloop"):
+                (pool / name).unlink(missing_ok=True)
