@@ -157,11 +157,16 @@ class Metadata:
     os_release: tuple[tuple[str, str], ...] = ()
 
 
+LONG_LINE_MAX = 1024 * 1024  # systemd's limit of read_line()
+
+
 def parse_hostname(text: str) -> str:
     """/etc/hostname as 252's read_etc_hostname() reads it: the first line that is neither
     empty nor starts with "#", cleaned up as hostname_cleanup() does; "" when that is no valid
-    host name."""
+    host name, or when a line up to it is as long as LONG_LINE_MAX (read_line() fails)."""
     for line in re.split(r"\r\n|[\n\r\0]", text):
+        if len(line) >= LONG_LINE_MAX:
+            return ""
         if line and not line.startswith("#"):
             name = hostname_cleanup(line)
             return name if hostname_is_valid_trailing_dot(name) else ""

@@ -108,12 +108,24 @@ def tree_metadata(root: str, raw_image: bool = False) -> Metadata:
     inside it, as 252 reads them (`raw_image`: the tree of a mounted raw image). In a
     directory image an item that is missing, unreadable or malformed is left empty (252 logs
     and ignores it), and /usr/lib/os-release is read only when /etc/os-release does not exist.
-    In a raw image a file that is there but does not open is passed over (os-release: for the
-    next one), and one that opens but does not read (a directory), or a path that does not
-    resolve (a symlink loop), fails the whole reading."""
+    In a raw image (252 reads it in a child) a file that opens but does not read (a directory)
+    fails the whole reading; otherwise hostname, machine-id and machine-info that are missing,
+    do not resolve or do not open are left empty; an os-release that does not open is passed
+    over for the next one, one that does not resolve (a symlink loop) fails the reading, and
+    so does having none (ENOMEDIUM: no OS image)."""
 
-    def read(*candidates: str) -> bytes | None:
-        for rel in candidates:
+    def read(rel: str) -> bytes | None:
+        try:
+            return lfs.read_in_root(root, rel)
+        except lfs.ReadFailed:
+            if raw_image:
+                raise
+            return None
+        except OSError:
+            return None
+
+    def os_release() -> bytes | None:
+        for rel in ("/etc/os-release", "/usr/lib/os-release"):
             try:
                 return lfs.read_in_root(root, rel)
             except FileNotFoundError:
@@ -126,6 +138,8 @@ def tree_metadata(root: str, raw_image: bool = False) -> Metadata:
                 if raw_image:
                     raise
                 return None
+        if raw_image:
+            raise OSError(errno.ENOMEDIUM, os.strerror(errno.ENOMEDIUM))
         return None
 
     def pairs(data: bytes | None) -> tuple[tuple[str, str], ...]:
@@ -136,11 +150,12 @@ def tree_metadata(root: str, raw_image: bool = False) -> Metadata:
 
     hostname = read("/etc/hostname")
     machine_id = read("/etc/machine-id")
+    machine_info = read("/etc/machine-info")
     return Metadata(
         parse_hostname(hostname.decode("utf-8", "replace")) if hostname is not None else "",
         parse_machine_id(machine_id, first_line=raw_image) if machine_id is not None else b"",
-        pairs(read("/etc/machine-info")),
-        pairs(read("/etc/os-release", "/usr/lib/os-release")),
+        pairs(machine_info),
+        pairs(os_release()),
     )
 
 

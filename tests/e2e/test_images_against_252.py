@@ -208,6 +208,9 @@ METADATA = [
     {"os-release": "socket", "hostname": "null", "machine-id": "zero", "machine-info": "socket"},
     {"os-release": "zero", "hostname": None, "machine-info": "null"},
     {"os-release": "loop", "hostname": "loop"},
+    {"hostname": "loop", "machine-info": "loop"},  # os-release fine: the rest passed over
+    {"hostname": b"x" * (1 << 20) + b"\n"},  # a line of read_line()'s limit: no host name
+    {"hostname": b"y" * ((1 << 20) - 1) + b"\n"},
 ]
 
 
@@ -235,6 +238,33 @@ def test_metadata_read_as_252(pair: Pair, files: dict[str, bytes | str | None]) 
         for name in (tag, f"{tag}r"):
             for member in ("GetImageHostname", "GetImageMachineID", "GetImageMachineInfo",
                            "GetImageOSRelease"):
+                answers = both(pair, M, MGR, member, "s", name)
+                assert answers["real"] == answers["ours"], \
+                    difference(f"{member} {name}", answers["real"], answers["ours"])
+    finally:
+        for path in made:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def test_a_raw_image_without_os_release(pair: Pair) -> None:
+    """No os-release at all: 252 refuses the raw image (ENOMEDIUM), not the directory."""
+    made = []
+    for pool in pair.pools.values():
+        tree = pool.parent / "src-noos"
+        make_tree(tree)
+        (tree / "etc/os-release").unlink()
+        (tree / "usr/lib/os-release").unlink()
+        raw = pool / "noosr.raw"
+        subprocess.run(["truncate", "-s", "8M", str(raw)], check=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(raw)], check=True)
+        subprocess.run(["cp", "-a", str(tree), str(pool / "noosd")], check=True)
+        made += [tree, raw, pool / "noosd"]
+    try:
+        for name in ("noosd", "noosr"):
+            for member in ("GetImageHostname", "GetImageOSRelease"):
                 answers = both(pair, M, MGR, member, "s", name)
                 assert answers["real"] == answers["ours"], \
                     difference(f"{member} {name}", answers["real"], answers["ours"])
