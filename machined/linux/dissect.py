@@ -39,6 +39,11 @@ USR_TYPES = {
 }
 
 
+# The secondary architecture whose root 252 takes when the native one has none.
+SECONDARY = {"x86_64": "i686"}
+GPT_FLAG_NO_AUTO = 1 << 63  # "do not mount automatically": dissect passes the partition over
+
+
 @dataclass(frozen=True)
 class Partition:
     offset: int
@@ -46,7 +51,7 @@ class Partition:
 
 
 def _partitions(f: object) -> list[tuple[uuid.UUID, Partition]] | None:
-    """GPT entries (type, extent), or None without a GPT."""
+    """GPT entries (type, extent) that may be mounted automatically, or None without a GPT."""
     read = f.read  # type: ignore[attr-defined]
     seek = f.seek  # type: ignore[attr-defined]
     for sector in (512, 4096):
@@ -65,7 +70,7 @@ def _partitions(f: object) -> list[tuple[uuid.UUID, Partition]] | None:
         for i in range(len(table) // size):
             e = table[i * size:(i + 1) * size]
             kind = uuid.UUID(bytes_le=e[:16])
-            if kind.int == 0:
+            if kind.int == 0 or int.from_bytes(e[48:56], "little") & GPT_FLAG_NO_AUTO:
                 continue
             first = int.from_bytes(e[32:40], "little")
             last = int.from_bytes(e[40:48], "little")
@@ -74,33 +79,60 @@ def _partitions(f: object) -> list[tuple[uuid.UUID, Partition]] | None:
     return None
 
 
+def _by_preference(types: dict[str, uuid.UUID]) -> list[uuid.UUID]:
+    """The native architecture's type first, then the secondary one's, then any other."""
+    arch = platform.machine()
+    first = [a for a in (arch, SECONDARY.get(arch)) if a in types]
+    return [types[a] for a in first] + [t for a, t in types.items() if a not in first]
+
+
 def find_partitions(path: str) -> tuple[Partition | None, Partition | None]:
-    """(root, usr) as systemd-dissect's generic-root policy picks them: the architecture's root
-    partition, else a single generic Linux partition; or the whole image without a GPT."""
+    """(root, usr) as systemd-dissect's generic-root policy picks them: a root partition (the
+    architecture's, else its secondary one's, else any other's), else a single generic Linux
+    partition (ENOTUNIQ for several); or the whole image without a partition table (ENXIO
+    with one that is not GPT)."""
     with open(path, "rb") as f:
         parts = _partitions(f)
         if parts is None:
-            if not _has_file_system(path):  # neither a partition table nor a file system
+            usage, table = _probe(path)
+            if table:  # a partition table, but not GPT (MBR, say): no partition to take
+                raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+            if usage not in ("filesystem", "crypto"):  # neither a table nor a file system
                 raise OSError(errno.ENOPKG, os.strerror(errno.ENOPKG))
             f.seek(0, os.SEEK_END)
             return Partition(0, f.tell()), None
-    arch = platform.machine()
-    root = next((p for t, p in parts if t == ROOT_TYPES.get(arch)), None)
-    usr = next((p for t, p in parts if t == USR_TYPES.get(arch)), None)
-    generic = [p for t, p in parts if t == GENERIC_LINUX]
-    if root is None and usr is None and len(generic) == 1:
-        root = generic[0]
+
+    def pick(types: dict[str, uuid.UUID]) -> Partition | None:
+        for kind in _by_preference(types):
+            found = next((p for t, p in parts if t == kind), None)
+            if found is not None:
+                return found
+        return None
+
+    root, usr = pick(ROOT_TYPES), pick(USR_TYPES)
     if root is None and usr is None:
-        raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+        generic = [p for t, p in parts if t == GENERIC_LINUX]
+        if len(generic) > 1:
+            raise OSError(errno.ENOTUNIQ, os.strerror(errno.ENOTUNIQ))
+        if not generic:
+            raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+        root = generic[0]
+    for p in (root, usr):
+        if p is not None and not _probe(path, p)[0]:
+            # no file system there: what 252's probe before mounting says
+            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
     return root, usr
 
 
-def _has_file_system(path: str) -> bool:
-    """What systemd's dissect asks of an image without a partition table: does blkid find a
-    file system (or an encrypted volume) at its start?"""
-    out = subprocess.run(["blkid", "-p", "-o", "value", "-s", "USAGE", "--", path],
+def _probe(path: str, part: Partition | None = None) -> tuple[str, str]:
+    """(USAGE, PTTYPE) that blkid's low-level probe finds at the start of the image, or of
+    `part`: "filesystem" or "crypto" for a file system or an encrypted volume, and the type of
+    a partition table; "" for what it does not find."""
+    extent = ["--offset", str(part.offset), "--size", str(part.size)] if part else []
+    out = subprocess.run(["blkid", "-p", "-o", "export", *extent, "--", path],
                          capture_output=True, text=True, check=False)
-    return out.stdout.strip() in ("filesystem", "crypto")
+    found = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    return found.get("USAGE", ""), found.get("PTTYPE", "")
 
 
 def tree_metadata(root: str, raw_image: bool = False) -> Metadata:
@@ -188,7 +220,8 @@ def _child_env() -> dict[str, str]:
 def _tool(*args: str) -> str:
     out = subprocess.run(args, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        code = errno.EUCLEAN if "wrong fs type" in out.stderr else errno.EIO
+        # mount(2)'s EINVAL (a bad superblock, say), which mount(8) words this way
+        code = errno.EINVAL if "wrong fs type" in out.stderr else errno.EIO
         raise OSError(code, f"{args[0]}: {out.stderr.strip()}")
     return out.stdout.strip()
 

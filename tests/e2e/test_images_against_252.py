@@ -297,3 +297,66 @@ def test_entries_that_do_not_stat(pair: Pair) -> None:
         for pool in pair.pools.values():
             for name in ("notdir", "selfloop"):
                 (pool / name).unlink(missing_ok=True)
+
+
+GENERIC = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+ROOT_X86_64 = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
+ROOT_AARCH64 = "B921B045-1DF0-41C3-AF44-4C6F280D3FAE"
+# Disks with 16 MiB partitions: (partition table, [(type, GPT attributes, host name of the
+# ext4 in it, or None for no file system)]).
+LAYOUTS: dict[str, tuple[str, list[tuple[str, str, str | None]]]] = {
+    "twogeneric": ("gpt", [(GENERIC, "", "one"), (GENERIC, "", "two")]),
+    "armroot": ("gpt", [(ROOT_AARCH64, "", "arm")]),
+    "armgeneric": ("gpt", [(GENERIC, "", "gen"), (ROOT_AARCH64, "", "arm")]),
+    "noauto": ("gpt", [(ROOT_X86_64, "GUID:63", "noauto")]),
+    "noautoplus": ("gpt", [(ROOT_X86_64, "GUID:63", "first"), (ROOT_X86_64, "", "second")]),
+    "nofs": ("gpt", [(ROOT_X86_64, "", None)]),
+    "dos": ("dos", [("83", "", "dos")]),
+}
+
+
+def make_disk(path: Path, work: Path, label: str,
+              parts: list[tuple[str, str, str | None]]) -> None:
+    sectors = 32768
+    subprocess.run(["truncate", "-s", f"{2 + 16 * len(parts)}M", str(path)], check=True)
+    script = f"label: {label}\n" + "".join(
+        f"start={2048 + i * sectors}, size={sectors}, type={kind}"
+        + (f', attrs="{attrs}"' if attrs else "") + "\n"
+        for i, (kind, attrs, _host) in enumerate(parts))
+    subprocess.run(["sfdisk", "-q", str(path)], input=script, text=True, check=True,
+                   capture_output=True)
+    for i, (_kind, _attrs, host) in enumerate(parts):
+        offset = (2048 + i * sectors) * 512
+        if host is None:
+            with open(path, "r+b") as f:
+                f.seek(offset)
+                f.write(os.urandom(1 << 20))
+            continue
+        tree = make_tree(work / f"{path.stem}-{i}", hostname=f"{host}host")
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), "-E", f"offset={offset}",
+                        str(path), "16M"], check=True)
+
+
+def test_partition_tables_read_as_252(pair: Pair) -> None:
+    """Which partition 252's dissect takes, and its errors, for disks of several layouts."""
+    made: list[Path] = []
+    for pool in pair.pools.values():
+        work = pool.parent / "src-disks"
+        work.mkdir()
+        made.append(work)
+        for name, (label, parts) in LAYOUTS.items():
+            made.append(pool / f"pt{name}.raw")
+            make_disk(pool / f"pt{name}.raw", work, label, parts)
+    try:
+        differ = []
+        for name in LAYOUTS:
+            answers = both(pair, M, MGR, "GetImageHostname", "s", f"pt{name}")
+            if answers["real"] != answers["ours"]:
+                differ.append(difference(name, answers["real"], answers["ours"]))
+        assert not differ, "\n".join(differ)
+    finally:
+        for path in made:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
