@@ -191,6 +191,23 @@ def test_side_files(pair: Pair) -> None:
     assert not differ, "\n".join(differ)
 
 
+def same_metadata(pair: Pair, *names: str) -> None:
+    for name in names:
+        for member in ("GetImageHostname", "GetImageMachineID", "GetImageMachineInfo",
+                       "GetImageOSRelease"):
+            answers = both(pair, M, MGR, member, "s", name)
+            assert answers["real"] == answers["ours"], \
+                difference(f"{member} {name}", answers["real"], answers["ours"])
+
+
+def remove_all(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 # Contents of an image's /etc files that both must read alike (252's env-file parser, hostname
 # clean-up, machine-id rules): for each, a directory image and a raw image of that tree.
 HEX = "0123456789abcdef0123456789abcdef"
@@ -235,18 +252,9 @@ def test_metadata_read_as_252(pair: Pair, files: dict[str, bytes | str | None]) 
         subprocess.run(["truncate", "-s", "8M", str(raw)], check=True)
         subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(raw)], check=True)
     try:
-        for name in (tag, f"{tag}r"):
-            for member in ("GetImageHostname", "GetImageMachineID", "GetImageMachineInfo",
-                           "GetImageOSRelease"):
-                answers = both(pair, M, MGR, member, "s", name)
-                assert answers["real"] == answers["ours"], \
-                    difference(f"{member} {name}", answers["real"], answers["ours"])
+        same_metadata(pair, tag, f"{tag}r")
     finally:
-        for path in made:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+        remove_all(made)
 
 
 def test_a_raw_image_without_os_release(pair: Pair) -> None:
@@ -263,17 +271,9 @@ def test_a_raw_image_without_os_release(pair: Pair) -> None:
         subprocess.run(["cp", "-a", str(tree), str(pool / "noosd")], check=True)
         made += [tree, raw, pool / "noosd"]
     try:
-        for name in ("noosd", "noosr"):
-            for member in ("GetImageHostname", "GetImageOSRelease"):
-                answers = both(pair, M, MGR, member, "s", name)
-                assert answers["real"] == answers["ours"], \
-                    difference(f"{member} {name}", answers["real"], answers["ours"])
+        same_metadata(pair, "noosd", "noosr")
     finally:
-        for path in made:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+        remove_all(made)
 
 
 def test_entries_that_do_not_stat(pair: Pair) -> None:
@@ -355,8 +355,4 @@ def test_partition_tables_read_as_252(pair: Pair) -> None:
                 differ.append(difference(name, answers["real"], answers["ours"]))
         assert not differ, "\n".join(differ)
     finally:
-        for path in made:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+        remove_all(made)
