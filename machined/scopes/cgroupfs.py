@@ -114,8 +114,7 @@ class CgroupfsBackend:
         except OSError as e:
             self.hierarchy.remove(path)
             if registering and e.errno == errno.EINVAL:  # a kernel thread: in no unit, as 252
-                raise ErrnoError(errno.ENXIO, f"Failed to determine unit of process {pids[0]} "
-                                              f": {os.strerror(errno.ENXIO)}") from None
+                raise common.no_unit(pids[0], errno.ENXIO) from None
             err = errno.ESRCH if e.errno in (errno.ESRCH, errno.EINVAL) else (e.errno or errno.EIO)
             raise ErrnoError(err, f"Failed to move PID {pids[0]} into scope {unit}: "
                                   f"{ErrnoError(err).message}") from None

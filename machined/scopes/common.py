@@ -16,16 +16,19 @@ def unit_of_pid(pid: int) -> str | None:
         return None
 
 
-def leader_unit(pid: int) -> tuple[str, str]:
-    """(unit holding pid, pid's cgroup), or the error RegisterMachine gives (§6.3.2, note the
+def no_unit(pid: int, err: int) -> ErrnoError:
+    """The error RegisterMachine gives when the leader's unit is not found (§6.3.2, note the
     space)."""
+    return ErrnoError(err, f"Failed to determine unit of process {pid} : {os.strerror(err)}")
+
+
+def leader_unit(pid: int) -> tuple[str, str]:
+    """(unit holding pid, pid's cgroup), or no_unit()."""
     try:
         path = cgroups.pid_cgroup(pid)
         unit = cgroups.unit_of_cgroup(path)
     except ErrnoError as e:
-        raise ErrnoError(e.errno, f"Failed to determine unit of process {pid} : "
-                                  f"{os.strerror(e.errno)}") from None
+        raise no_unit(pid, e.errno) from None
     if unit is None:
-        raise ErrnoError(errno.ENXIO, f"Failed to determine unit of process {pid} : "
-                                      f"{os.strerror(errno.ENXIO)}")
+        raise no_unit(pid, errno.ENXIO)
     return unit, path
