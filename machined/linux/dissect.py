@@ -117,10 +117,6 @@ def find_partitions(path: str) -> tuple[Partition | None, Partition | None]:
         if not generic:
             raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
         root = generic[0]
-    for p in (root, usr):
-        if p is not None and not _probe(path, p)[0]:
-            # no file system there: what 252's probe before mounting says
-            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
     return root, usr
 
 
@@ -232,7 +228,14 @@ def _mount(image: str, offset: int, size: int, where: str) -> None:
     dev = _tool("losetup", "--find", "--show", "--read-only", "--offset", str(offset),
                 "--sizelimit", str(size), image)
     try:
-        _tool("mount", "-o", "ro,nodev", dev, where)  # 252 mounts with MS_NODEV too
+        try:
+            _tool("mount", "-o", "ro,nodev", dev, where)  # 252 mounts with MS_NODEV too
+        except OSError:
+            # Looked at only when the mount fails: no file system there is what 252's probe
+            # before mounting says, EAFNOSUPPORT.
+            if not _probe(image, Partition(offset, size))[0]:
+                raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT)) from None
+            raise
     finally:
         subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
 
