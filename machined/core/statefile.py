@@ -14,7 +14,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from .envfile import parse_env_file, valid_assignments
+from .envfile import valid_assignments
+from .errors import ErrnoError
 from .machine import Machine, MachineClass, Timestamp
 from .names import cescape, hidden_or_backup_file, machine_name_is_valid
 
@@ -48,8 +49,11 @@ def serialize(m: Machine) -> str:
     return "".join(lines)
 
 
-def parse_state(text: str) -> dict[str, str]:
-    return dict(parse_env_file(text))
+def parse_state(data: bytes) -> tuple[dict[str, str], ErrnoError | None]:
+    """The keys of a state file as 252 reads them: up to the first line it refuses (252's
+    parser has assigned what came before), and that refusal."""
+    assignments, refusal = valid_assignments(data)
+    return dict(assignments), refusal
 
 
 def apply(m: Machine, data: dict[str, str]) -> None:
@@ -190,8 +194,8 @@ class StateDir:
             except OSError as e:
                 log.warning("Failed to load %s: %s", entry.path, e)
                 data = b""
-            assignments, refusal = valid_assignments(data)
+            values, refusal = parse_state(data)
             if refusal is not None:  # 252 keeps what came before the refused line
                 log.warning("Failed to read %s: %s", entry.path, refusal)
-            apply(m, dict(assignments))
+            apply(m, values)
             yield m

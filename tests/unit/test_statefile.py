@@ -37,7 +37,7 @@ def test_roundtrip_with_escapes() -> None:
     m.unit = "machine-my\\x2dct.scope"
     m.root_directory = "/srv/with space/x"
     back = Machine(name="spec-ct")
-    apply(back, parse_state(serialize(m)))
+    apply(back, parse_state(serialize(m).encode())[0])
     assert back.unit == m.unit
     assert back.root_directory == m.root_directory
     assert (back.id, back.leader, back.cls, back.netif) == (m.id, m.leader, m.cls, m.netif)
@@ -47,13 +47,13 @@ def test_roundtrip_with_escapes() -> None:
 def test_escaped_control_characters_read_back_like_252() -> None:
     # 252's env-file reader is not the inverse of cescape: "\\t" reads back as "t".
     m = Machine(name="x")
-    apply(m, parse_state("ROOT=/a\\tb\n"))
+    apply(m, parse_state(b"ROOT=/a\\tb\n")[0])
     assert m.root_directory == "/atb"
 
 
 def test_parse_ignores_garbage() -> None:
     m = Machine(name="x")
-    apply(m, parse_state("ID=zz\nLEADER=abc\nCLASS=foo\nNETIF=1 x -2 3\nREALTIME=1\n"))
+    apply(m, parse_state(b"ID=zz\nLEADER=abc\nCLASS=foo\nNETIF=1 x -2 3\nREALTIME=1\n")[0])
     assert m.id == b"" and m.leader == 0 and m.cls is MachineClass.UNKNOWN
     assert m.netif == [1, 3] and m.timestamp == Timestamp(1, 0)  # each clock on its own
 
@@ -61,15 +61,15 @@ def test_parse_ignores_garbage() -> None:
 def test_numbers_and_ids_parsed_as_252() -> None:
     """What the live 252 made of hand-written state files (C integer syntax, ranges)."""
     m = Machine(name="x")
-    apply(m, parse_state("NETIF=1 x 2 -1 0 +3 010 0x5 007 0o7 99999999999 2147483648\n"
-                         "ID=01234567-89ab-cdef-0123-456789abcdef\nLEADER=1_0\n"
-                         "REALTIME=+17\nMONOTONIC=0x10\n"))
+    apply(m, parse_state(b"NETIF=1 x 2 -1 0 +3 010 0x5 007 0o7 99999999999 2147483648\n"
+                         b"ID=01234567-89ab-cdef-0123-456789abcdef\nLEADER=1_0\n"
+                         b"REALTIME=+17\nMONOTONIC=0x10\n")[0])
     assert m.netif == [1, 2, 3, 8, 5, 7, 7]
     assert m.id == bytes.fromhex("0123456789abcdef0123456789abcdef")
     assert m.leader == 0 and m.timestamp == Timestamp(17, 16)
     m = Machine(name="y")
-    apply(m, parse_state("ID=01 23 45 67 89 ab cd ef 01 23 45 67 89 ab cd ef\n"
-                         "REALTIME=-5\nMONOTONIC=1_0\n"))
+    apply(m, parse_state(b"ID=01 23 45 67 89 ab cd ef 01 23 45 67 89 ab cd ef\n"
+                         b"REALTIME=-5\nMONOTONIC=1_0\n")[0])
     assert m.id == b"" and m.timestamp is None  # neither clock: the start takes the time
 
 
