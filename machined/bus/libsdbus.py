@@ -53,6 +53,8 @@ def lib() -> ctypes.CDLL:
         ("sd_bus_get_current_message", _vp, [_vp]),
         ("sd_bus_message_get_sender", _cp, [_vp]),
         ("sd_bus_message_get_member", _cp, [_vp]),
+        ("sd_bus_message_get_path", _cp, [_vp]),
+        ("sd_bus_message_is_method_call", _int, [_vp, _cp, _cp]),
         ("sd_bus_message_get_signature", _cp, [_vp, _int]),
         ("sd_bus_message_get_allow_interactive_authorization", _int, [_vp]),
         # sdbus's own: points an empty SdBusMessage at a message, taking a reference
@@ -157,6 +159,12 @@ def check_wrap_message(bus: SdBus) -> None:
     ptr = message_pointer(probe)
     if ptr is None or message_pointer(wrap_message(ptr)) != ptr:
         raise Unavailable("sdbus's SdBusMessage layout is not the expected one")
+
+
+def is_call_to(ptr: int, path: bytes, interface: bytes, member: bytes) -> bool:
+    """The message is a method call of interface.member on the object at path."""
+    return bool(lib().sd_bus_message_is_method_call(ptr, interface, member) > 0
+                and lib().sd_bus_message_get_path(ptr) == path)
 
 
 def signature(ptr: int) -> str:

@@ -1,0 +1,71 @@
+"""The match rules that take privileged calls before sd-bus's dispatch (bus/privileged.py) name
+only the member: the callback itself passes over a call of that member on another object or
+interface, and the bus driver keeps no copy of the rules, so a broadcast signal of that name
+never reaches the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from sdbus.sd_bus_internals import SdBus, sd_bus_open_system
+
+from machined.bus import libsdbus
+from machined.bus.objects import Dispatcher, Interface, Method
+from tests.helpers.busdaemon import BusDaemon
+
+NAME = "org.example.Guarded"
+
+
+@pytest.fixture
+def private_bus(monkeypatch: pytest.MonkeyPatch) -> Iterator[BusDaemon]:
+    b = BusDaemon("open")
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", b.address)
+    yield b
+    b.stop()
+
+
+async def call(bus: SdBus, path: str, interface: str) -> object:
+    msg = bus.new_method_call_message(NAME, path, interface, "Guard")
+    msg.append_data("s", "x")
+    return (await bus.call_async(msg)).get_contents()
+
+
+async def scenario(looked_at: list[str]) -> list[object]:
+    server = sd_bus_open_system()
+    dispatcher = Dispatcher(server)
+    # the same member, privileged on one object and plain on another
+    dispatcher.export("/t", Interface("org.example.T", methods=[
+        Method("Guard", "s", ("x",), "s", ("y",), lambda _call, x: "taken " + x,
+               privileged=True)]))
+    dispatcher.export("/u", Interface("org.example.U", methods=[
+        Method("Guard", "s", ("x",), "s", ("y",), lambda _call, x: "plain " + x)]))
+    await server.request_name_async(NAME, 0)
+
+    client = sd_bus_open_system()
+    signal = client.new_signal_message("/t", "org.example.T", "Guard")
+    signal.append_data("s", "x")
+    signal.send()
+    # The driver delivers one sender's messages in order: by these replies, a signal that
+    # reached the server has been dispatched.
+    got = [await call(client, "/t", "org.example.T"), await call(client, "/u", "org.example.U")]
+    dispatcher.close()
+    client.close()
+    server.close()
+    return got
+
+
+def test_only_calls_to_the_guarded_object_are_taken_and_no_signal_arrives(
+        private_bus: BusDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    looked_at: list[str] = []
+    is_call_to = libsdbus.is_call_to
+
+    def recording(ptr: int, path: bytes, interface: bytes, member: bytes) -> bool:
+        looked_at.append(libsdbus.lib().sd_bus_message_get_path(ptr).decode())
+        return is_call_to(ptr, path, interface, member)
+
+    monkeypatch.setattr(libsdbus, "is_call_to", recording)
+    assert asyncio.run(scenario(looked_at)) == ["taken x", "plain x"]
+    # both calls passed the rule, and the callback took only the first; the signal never came
+    assert looked_at == ["/t", "/u"]
