@@ -9,7 +9,8 @@ question. The vtable keeps the methods privileged, because that flag is also wha
 `org.freedesktop.systemd1.Privileged` annotation into sd-bus's introspection.
 
 How: sd-bus runs local match callbacks before it looks at object vtables (process_match comes
-before bus_process_object), so one match rule per method gets its calls first. The callback
+before bus_process_object), so one match rule per method gets its calls first (a rule on the
+member alone, local to sd-bus: see _add_match). The callback
 does what sd-bus's method dispatch would do, in the same order: the access check ("Access to
 I.M() not permitted."), then the signature check ("Invalid arguments ..."), then the method's
 handler. A call it cannot take (its credentials cannot be looked up, say) goes on to the vtable,
