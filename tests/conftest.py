@@ -21,6 +21,13 @@ def bus() -> Iterator[BusDaemon]:
 
 
 @pytest.fixture
+def in_process_bus(bus: BusDaemon, monkeypatch: pytest.MonkeyPatch) -> BusDaemon:
+    """The private bus, also for sd-bus connections opened by the test itself."""
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus.address)
+    return bus
+
+
+@pytest.fixture
 def system_bus() -> Iterator[BusDaemon]:
     """A bus that enforces Debian's default-deny policy plus our shipped policy file."""
     b = BusDaemon("system")

@@ -6,7 +6,6 @@ never reaches the daemon."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 from sdbus.sd_bus_internals import SdBus, sd_bus_open_system
@@ -16,14 +15,6 @@ from machined.bus.objects import Dispatcher, Interface, Method
 from tests.helpers.busdaemon import BusDaemon
 
 NAME = "org.example.Guarded"
-
-
-@pytest.fixture
-def private_bus(monkeypatch: pytest.MonkeyPatch) -> Iterator[BusDaemon]:
-    b = BusDaemon("open")
-    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", b.address)
-    yield b
-    b.stop()
 
 
 async def call(bus: SdBus, path: str, interface: str) -> object:
@@ -57,7 +48,7 @@ async def scenario(looked_at: list[str]) -> list[object]:
 
 
 def test_only_calls_to_the_guarded_object_are_taken_and_no_signal_arrives(
-        private_bus: BusDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
+        in_process_bus: BusDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
     looked_at: list[str] = []
     is_call_to = libsdbus.is_call_to
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import inspect
-from collections.abc import Iterator
 
 import pytest
 from sdbus import sd_bus_internals
@@ -27,14 +26,6 @@ def sdbus_globals() -> dict[str, int | None]:
 
 ORIGINALS = {"asyncio_get_running_loop": id(asyncio.get_running_loop),
              "is_coroutine_function": id(inspect.iscoroutinefunction)}
-
-
-@pytest.fixture
-def private_bus(monkeypatch: pytest.MonkeyPatch) -> Iterator[BusDaemon]:
-    b = BusDaemon("open")
-    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", b.address)
-    yield b
-    b.stop()
 
 
 async def call(bus: SdBus, member: str, sig: str, *args: object) -> object:
@@ -79,7 +70,7 @@ async def scenario() -> list[object]:
 
 
 def test_calls_and_signals_work_with_the_shortcuts_and_close_undoes_them(
-        private_bus: BusDaemon) -> None:
+        in_process_bus: BusDaemon) -> None:
     assert sdbus_globals() == ORIGINALS
     assert asyncio.run(scenario()) == ["ABC", "x!", 42, "pong"]
     assert sdbus_globals() == ORIGINALS
