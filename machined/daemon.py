@@ -107,7 +107,6 @@ async def run(options: Options) -> int:
     images = ImageHandlers(SearchPath(options.image_root), authority, dispatcher)
     images.serve()
     dispatcher.export(MANAGER_PATH, Manager(registry, handlers, images).interface())
-    await dispatcher.watch_peers()
     log.debug("Using the %s scope backend.", backend.name)  # 252 logs nothing at start
 
     userdb = VarlinkServer(userdb_methods(UserDatabase(

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from machined.bus.objects import Call, Dispatcher, Method, WithCaller
+from machined.bus import objects
+from machined.bus.objects import Call, Creds, Dispatcher, Method, WithCaller
 from machined.core.errors import NoSuchMachine
 
 
@@ -103,3 +104,15 @@ def test_plain_methods_return_one_value_and_no_fds() -> None:
     with pytest.raises(ValueError, match="one value, not fds"):
         dispatcher._callback(Method("M", "s", ("name",), "ss", ("a", "b"), lambda n: ("", ""),
                                     plain=True))
+
+
+def test_the_credentials_of_the_most_recent_callers_are_kept(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(objects, "CREDS_KEPT", 3)
+    dispatcher = Dispatcher.__new__(Dispatcher)
+    dispatcher._creds = {}
+    for i in range(5):
+        dispatcher._remember_creds(f":1.{i}", {"UnixUserID": ("u", 1000 + i),
+                                               "ProcessID": ("u", 10 + i)})
+    assert list(dispatcher._creds) == [":1.2", ":1.3", ":1.4"]
+    assert dispatcher.creds_now(":1.4") == Creds(uid=1004, pid=14)  # cached: no bus asked
