@@ -1,11 +1,12 @@
 """The match rules that take privileged calls before sd-bus's dispatch (bus/privileged.py) name
 only the member: the callback itself passes over a call of that member on another object or
-interface, and the bus driver keeps no copy of the rules, so a broadcast signal of that name
-never reaches the daemon."""
+interface and a signal of that name sent to the daemon itself, and the bus driver keeps no copy
+of the rules, so a broadcast signal of that name never reaches the daemon."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 
 import pytest
 from sdbus.sd_bus_internals import SdBus, sd_bus_open_system
@@ -23,21 +24,30 @@ async def call(bus: SdBus, path: str, interface: str) -> object:
     return (await bus.call_async(msg)).get_contents()
 
 
-async def scenario(looked_at: list[str]) -> list[object]:
+def signal(bus: SdBus, destination: str | None) -> None:
+    msg = bus.new_signal_message("/t", "org.example.T", "Guard")
+    msg.append_data("s", "x")
+    if destination:  # sdbus has no setter for a signal's destination
+        set_destination = libsdbus.lib().sd_bus_message_set_destination
+        set_destination.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        assert set_destination(libsdbus.message_pointer(msg), destination.encode()) >= 0
+    msg.send()
+
+
+async def scenario(taken: list[str]) -> list[object]:
     server = sd_bus_open_system()
     dispatcher = Dispatcher(server)
     # the same member, privileged on one object and plain on another
     dispatcher.export("/t", Interface("org.example.T", methods=[
-        Method("Guard", "s", ("x",), "s", ("y",), lambda _call, x: "taken " + x,
-               privileged=True)]))
+        Method("Guard", "s", ("x",), "s", ("y",),
+               lambda _call, x: taken.append(x) or "taken " + x, privileged=True)]))
     dispatcher.export("/u", Interface("org.example.U", methods=[
         Method("Guard", "s", ("x",), "s", ("y",), lambda _call, x: "plain " + x)]))
     await server.request_name_async(NAME, 0)
 
     client = sd_bus_open_system()
-    signal = client.new_signal_message("/t", "org.example.T", "Guard")
-    signal.append_data("s", "x")
-    signal.send()
+    signal(client, None)  # broadcast
+    signal(client, NAME)  # to the server: delivered whatever its match rules
     # The driver delivers one sender's messages in order: by these replies, a signal that
     # reached the server has been dispatched.
     got = [await call(client, "/t", "org.example.T"), await call(client, "/u", "org.example.U")]
@@ -47,9 +57,10 @@ async def scenario(looked_at: list[str]) -> list[object]:
     return got
 
 
-def test_only_calls_to_the_guarded_object_are_taken_and_no_signal_arrives(
+def test_only_calls_to_the_guarded_object_are_taken_and_no_broadcast_signal_arrives(
         in_process_bus: BusDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
     looked_at: list[str] = []
+    taken: list[str] = []
     is_call_to = libsdbus.is_call_to
 
     def recording(ptr: int, path: bytes, interface: bytes, member: bytes) -> bool:
@@ -57,6 +68,8 @@ def test_only_calls_to_the_guarded_object_are_taken_and_no_signal_arrives(
         return is_call_to(ptr, path, interface, member)
 
     monkeypatch.setattr(libsdbus, "is_call_to", recording)
-    assert asyncio.run(scenario(looked_at)) == ["taken x", "plain x"]
-    # both calls passed the rule, and the callback took only the first; the signal never came
-    assert looked_at == ["/t", "/u"]
+    assert asyncio.run(scenario(taken)) == ["taken x", "plain x"]
+    # the signal sent to the server and both calls passed the rule, and only the first call
+    # was taken; the broadcast signal never came
+    assert looked_at == ["/t", "/t", "/u"]
+    assert taken == ["x"]
