@@ -105,6 +105,12 @@ def cases(leaders: dict[str, int]) -> list[tuple[str, str, str, str, tuple[Any, 
         mgr("CreateMachine", "sayssusa(sv)", *v, [])
         mgr("CreateMachineWithNetwork", "sayssusaia(sv)", *v, [-1], [])
     mgr("RegisterMachine", "sayssus", *reg[:4], NO_PID, "/")
+    # the privileged members on other objects and interfaces (ours takes their calls by member)
+    for path, iface in ((mpath, MGR), (M, MACH), (f"{M}/machine/_2ehost", MGR),
+                        (f"{M}/nonexistent", MGR)):
+        c.append((path, iface, "RegisterMachine", "sayssus", reg))
+        c.append((path, iface, "CreateMachine", "sayssusa(sv)", (*reg, [])))
+        c.append((path, iface, "OpenMachinePTY", "s", ("difft",)))
     mgr("RegisterMachine", "sayssus", "difft-kthread", *reg[1:4], 2, "")  # kthreadd: no unit
     for ifindices in ([-3], [0], [1, -1]):
         mgr("RegisterMachineWithNetwork", "sayssusai", *reg, ifindices)
