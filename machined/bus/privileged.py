@@ -10,11 +10,11 @@ question. The vtable keeps the methods privileged, because that flag is also wha
 
 How: sd-bus runs local match callbacks before it looks at object vtables (process_match comes
 before bus_process_object), so one match rule per method gets its calls first (a rule on the
-member alone, local to sd-bus: see _add_match). The callback
-does what sd-bus's method dispatch would do, in the same order: the access check ("Access to
-I.M() not permitted."), then the signature check ("Invalid arguments ..."), then the method's
-handler. A call it cannot take (its credentials cannot be looked up, say) goes on to the vtable,
-which answers it exactly as before.
+member alone, local to sd-bus: see _add_match). The callback does what sd-bus's method dispatch
+would do, in the same order: the access check ("Access to I.M() not permitted."), then the
+signature check ("Invalid arguments ..."), then the method's handler. A call it cannot take
+(its credentials cannot be looked up, say) goes on to the vtable, which answers it exactly as
+before.
 
 The same kind of match vets the values of writable properties (`vet`): sdbus's property path
 answers an exception in a setter with Failed and no message, where 252's setters say
@@ -116,8 +116,8 @@ class PrivilegedMethods:
                    on_call: Callable[[int, int, int], int]) -> None:
         # The rule names the member only, and the callback checks the rest. sd-bus tests every
         # message it receives against its match rules, one hash lookup per key a rule has, and
-        # type, path and interface keys cost every lookup call about 1,400 instructions more
-        # (docs/benchmarks.md); a call that gets this far is one of a handful.
+        # type, path and interface keys cost every lookup call about 1,300 instructions more
+        # (docs/benchmarks.md); only calls of these few members reach the callback.
         rule = f"member='{member}'"
         want = (path.encode(), interface.encode(), member.encode())
 
