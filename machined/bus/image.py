@@ -106,8 +106,8 @@ class ImageHandlers:
         label = path.removeprefix(IMAGE_PATH_PREFIX + "/")
         if label == path or not label or "/" in label:
             return None
-        image = self.lookup(bus_label_unescape(label))
-        return image if image is not None and image.object_path == path else None
+        # any spelling of the name finds the image, as in 252 (not only image.object_path's)
+        return self.lookup(bus_label_unescape(label))
 
     def scan(self) -> dict[str, Image]:
         """Discover every image."""

@@ -129,8 +129,8 @@ class MachineObjects:
             return None
         if label == "self":  # the caller's own machine (§2.4); not enumerated
             return self._machine_of_sender()
-        m = self.registry.get(bus_label_unescape(label))
-        return m if m is not None and m.path == path else None
+        # any spelling of the name finds the machine, as in 252 (not only m.path's)
+        return self.registry.get(bus_label_unescape(label))
 
     def _machine_of_sender(self) -> Machine | None:
         sender = self._fallback.current_sender()

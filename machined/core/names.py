@@ -86,6 +86,9 @@ _NOT_LABEL = re.compile(rb"[^A-Za-z0-9]")
 
 
 def bus_label_unescape(label: str) -> str:
+    """bus_label_unescape(): '_' + two hex digits (either case) is that byte, any other '_' is
+    itself, and a lone '_' is ''. Any byte may be escaped, so one name has many labels. 252 uses
+    the result as a C string, so it ends at the first NUL ('_00')."""
     if label == "_":
         return ""
     if "_" not in label:
@@ -106,7 +109,7 @@ def bus_label_unescape(label: str) -> str:
         else:
             out.append(raw[i])
             i += 1
-    return out.decode("utf-8", errors="surrogateescape")
+    return out.split(b"\0", 1)[0].decode("utf-8", errors="surrogateescape")
 
 
 _UNIT_OK = frozenset(string.ascii_letters + string.digits + ":_.")

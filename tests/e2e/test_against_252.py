@@ -134,6 +134,12 @@ def cases(leaders: dict[str, int]) -> list[tuple[str, str, str, str, tuple[Any, 
         "", [7, 3])
     c.append((f"{M}/machine/difft_2dnet", PROPS, "GetAll", "s", (MACH,)))
     mgr("UnregisterMachine", "s", "difft-net")
+    # any spelling of a name finds its object (hex digits in either case, escaped letters, the
+    # label cut at an escaped NUL)
+    for label in ("_64ifft", "dif_66t", "difft_00", "difft_00junk", "dif_46t", "DIFFT", "_2Ehost"):
+        c.append((f"{M}/machine/{label}", PROPS, "Get", "ss", (MACH, "Name")))
+    for label in ("diff_69mg", "_64iffimg", "diffimg_00", "diff_49mg"):
+        c.append((f"{M}/image/{label}", PROPS, "Get", "ss", (IMG, "Name")))
     # the other machine-wide calls, with what fails before they act
     for name in ("nope", ""):
         for member, sig, rest in (
