@@ -19,6 +19,7 @@ import errno
 from collections.abc import Iterator
 
 from .errors import ErrnoError
+from .names import utf8_is_valid
 
 _NEWLINE = "\n\r"
 _WHITESPACE = " \t\n\r"
@@ -36,7 +37,7 @@ def parse_env_file(text: str) -> list[tuple[str, str]]:
 
 def parse_env_bytes(data: bytes) -> list[tuple[str, str]]:
     """parse_env_file() of a file's bytes, refused as 252 refuses them: a NUL byte is EBADMSG,
-    a key or value that is not UTF-8 is EINVAL."""
+    a key or value that is not valid UTF-8 (utf8_is_valid: non-characters too) is EINVAL."""
     assignments, refusal = valid_assignments(data)
     if refusal is not None:
         raise refusal
@@ -50,18 +51,10 @@ def valid_assignments(data: bytes) -> tuple[list[tuple[str, str]], ErrnoError | 
         return [], ErrnoError(errno.EBADMSG)
     out: list[tuple[str, str]] = []
     for key, value in _assignments(data.decode("utf-8", "surrogateescape")):
-        if not (_is_utf8(key) and _is_utf8(value)):
+        if not (utf8_is_valid(key) and utf8_is_valid(value)):
             return out, ErrnoError(errno.EINVAL)
         out.append((key, value))
     return out, None
-
-
-def _is_utf8(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:  # surrogates: bytes that were not UTF-8
-        return False
-    return True
 
 
 def _blank_from(c: str, mark: int | None, length: int) -> int | None:

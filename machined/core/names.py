@@ -57,15 +57,27 @@ def hostname_cleanup(s: str) -> str:
     return "".join(out)
 
 
-def image_name_is_valid(name: str) -> bool:
-    """image_name_is_valid(): a file name that is not a temporary '.#' file."""
-    if not name or name in (".", ".."):
-        return False
+# The code points systemd's unichar_is_valid() refuses besides surrogates: U+FDD0-U+FDEF and
+# the last two of every plane (U+FFFE, U+FFFF, U+1FFFE, ...). sd-bus refuses them in strings.
+_NONCHARACTER = re.compile("[\ufdd0-\ufdef" + "".join(
+    chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17)) + "]")
+
+
+def utf8_is_valid(s: str) -> bool:
+    """utf8_is_valid() of a string decoded with surrogateescape: every byte was UTF-8 (no lone
+    surrogates) and no code point is a non-character."""
     try:
-        raw = name.encode("utf-8")
+        s.encode("utf-8")
     except UnicodeEncodeError:
         return False
-    if len(raw) > NAME_MAX or _NOT_IN_IMAGE_NAME.search(name):
+    return _NONCHARACTER.search(s) is None
+
+
+def image_name_is_valid(name: str) -> bool:
+    """image_name_is_valid(): a file name that is not a temporary '.#' file."""
+    if not name or name in (".", "..") or not utf8_is_valid(name):
+        return False
+    if len(name.encode("utf-8")) > NAME_MAX or _NOT_IN_IMAGE_NAME.search(name):
         return False
     return not name.startswith(".#")
 

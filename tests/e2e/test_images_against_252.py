@@ -299,6 +299,26 @@ def test_entries_that_do_not_stat(pair: Pair) -> None:
                 (pool / name).unlink(missing_ok=True)
 
 
+def test_names_that_are_not_utf8_to_systemd_are_passed_over(pair: Pair) -> None:
+    """utf8_is_valid() refuses non-characters (U+FFFE, U+FDD0...) as well as bytes that are
+    not UTF-8: such entries are no images, and ListImages goes on without them."""
+    names = [b"nc\xef\xbf\xbe", b"nc\xef\xb7\x90", b"bad\xff"]
+    for pool in pair.pools.values():
+        for name in names:
+            os.mkdir(os.path.join(os.fsencode(pool), name))
+    try:
+        answers = both(pair, M, MGR, "ListImages")
+        assert answers["real"][0] == "ok" == answers["ours"][0], answers
+        listed = {who: sorted(image[0] for image in answer[1][0])
+                  for who, answer in answers.items()}
+        assert listed["real"] == listed["ours"], listed
+        assert not any(name.startswith(("nc", "bad")) for name in listed["ours"]), listed
+    finally:
+        for pool in pair.pools.values():
+            for name in names:
+                os.rmdir(os.path.join(os.fsencode(pool), name))
+
+
 GENERIC = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 ROOT_X86_64 = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
 ROOT_AARCH64 = "B921B045-1DF0-41C3-AF44-4C6F280D3FAE"
