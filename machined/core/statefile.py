@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 DEFAULT_STATE_DIR = Path("/run/systemd/machines")
 HEADER = "# This is private data. Do not parse.\n"
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_ASSIGNED_WHILE_READING = ("SCOPE", "SCOPE_JOB", "SERVICE", "ROOT")
+USEC_INFINITY = 2**64 - 1
 
 
 def serialize(m: Machine) -> str:
@@ -50,10 +52,15 @@ def serialize(m: Machine) -> str:
 
 
 def parse_state(data: bytes) -> tuple[dict[str, str], ErrnoError | None]:
-    """The keys of a state file as 252 reads them: up to the first line it refuses (252's
-    parser has assigned what came before), and that refusal."""
+    """The keys of a state file as 252's machine_load() takes them, and the refusal of a line,
+    if any. After a refusal only SCOPE, SCOPE_JOB, SERVICE and ROOT from the lines before it
+    are kept: 252's parser assigns those as it reads, and machine_load() returns before it
+    parses the others."""
     assignments, refusal = valid_assignments(data)
-    return dict(assignments), refusal
+    values = dict(assignments)
+    if refusal is not None:
+        values = {k: v for k, v in values.items() if k in _ASSIGNED_WHILE_READING}
+    return values, refusal
 
 
 def apply(m: Machine, data: dict[str, str]) -> None:
@@ -72,14 +79,38 @@ def apply(m: Machine, data: dict[str, str]) -> None:
         m.leader = leader
     with contextlib.suppress(ValueError):
         m.cls = MachineClass(data.get("CLASS", ""))
-    realtime, monotonic = (_c_integer(data.get(key, ""), 0, 2**64 - 1) or 0
+    realtime, monotonic = (_c_integer(data.get(key, ""), 0, USEC_INFINITY) or 0
                            for key in ("REALTIME", "MONOTONIC"))
-    if realtime or monotonic:  # else the start takes the time, as 252's does
-        m.timestamp = Timestamp(realtime, monotonic)
-    netif = [i for word in data.get("NETIF", "").split()
+    if 0 < realtime < USEC_INFINITY or 0 < monotonic < USEC_INFINITY:  # dual_timestamp_is_set()
+        m.timestamp = Timestamp(realtime, monotonic)  # else the start takes the time, as in 252
+    netif = [i for word in _words(data.get("NETIF", ""))
              if (i := _c_integer(word, 1, 2**31 - 1)) is not None]  # parse_ifindex()
     if netif:
         m.netif = netif
+
+
+
+def _words(text: str) -> Iterator[str]:
+    """extract_first_word(&p, &word, NULL, 0) word after word, as machine_load() splits NETIF:
+    separated by space, tab, CR and LF; a backslash takes the next character as it is; a
+    backslash at the very end is an error, and 252 stops there."""
+    word: list[str] = []
+    in_word = escaped = False
+    for c in text:
+        if escaped:
+            escaped = False
+            word.append(c)
+        elif c == "\\":
+            in_word = escaped = True
+        elif c in " \t\n\r":
+            if in_word:
+                yield "".join(word)
+            word, in_word = [], False
+        else:
+            in_word = True
+            word.append(c)
+    if in_word and not escaped:
+        yield "".join(word)
 
 
 def _c_integer(text: str, lo: int, hi: int) -> int | None:
@@ -195,7 +226,7 @@ class StateDir:
                 log.warning("Failed to load %s: %s", entry.path, e)
                 data = b""
             values, refusal = parse_state(data)
-            if refusal is not None:  # 252 keeps what came before the refused line
+            if refusal is not None:
                 log.warning("Failed to read %s: %s", entry.path, refusal)
             apply(m, values)
             yield m

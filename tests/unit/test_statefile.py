@@ -83,6 +83,44 @@ def test_load_keeps_what_comes_before_invalid_utf8(tmp_path: Path) -> None:
     assert (loaded["nul"].unit, loaded["nul"].service) == ("", "")  # no keys at all
 
 
+def test_after_a_refused_line_only_the_keys_252_assigns_while_reading_are_kept() -> None:
+    """What the live 252 made of it: machine_load() returns before it parses ID, LEADER, CLASS,
+    REALTIME, MONOTONIC and NETIF, even when they came before the refused line."""
+    data = (b"SCOPE=a.scope\nSCOPE_JOB=/j\nSERVICE=svc\nROOT=/srv\nID=" + b"11" * 16 +
+            b"\nLEADER=7\nCLASS=vm\nREALTIME=5\nMONOTONIC=6\nNETIF=7 3\n")
+    for bad in (b"FOO=\xff\xfe\n", b"F\xffO=1\n", b"FOO=\xc0\xaf\n", b"FOO=\xed\xa0\x80\n",
+                "FOO=\ufffe\n".encode(), "FOO=\ufdd0\n".encode(), "FOO=\U0010ffff\n".encode()):
+        values, refusal = parse_state(data + bad)
+        assert refusal is not None, bad
+        assert values == {"SCOPE": "a.scope", "SCOPE_JOB": "/j", "SERVICE": "svc",
+                          "ROOT": "/srv"}, bad
+
+
+def test_netif_words_are_split_as_252_splits_them() -> None:
+    """extract_first_word(): space, tab, CR and LF separate, a backslash takes the next
+    character (the file's own escapes come off first), a trailing one ends the list."""
+    for line, netif in ((b"NETIF=3\\\\4", [34]), (b"NETIF=1\x0b2", []), (b"NETIF=1\x0c2", []),
+                        (b"NETIF=7\\\\ 3 9", [9]), (b"NETIF='7 3\\'", [7]),
+                        (b"NETIF=1\t2", [1, 2])):
+        m = Machine(name="x")
+        apply(m, parse_state(line + b"\n")[0])
+        assert m.netif == netif, line
+
+
+def test_an_infinite_clock_counts_as_unset() -> None:
+    """dual_timestamp_is_set(): a clock counts when it is above 0 and not USEC_INFINITY; with
+    neither, the start takes the time."""
+    infinity = b"18446744073709551615"
+    for text in (b"REALTIME=" + infinity + b"\nMONOTONIC=0\n", b"REALTIME=" + infinity + b"\n",
+                 b"REALTIME=0\nMONOTONIC=" + infinity + b"\n"):
+        m = Machine(name="x")
+        apply(m, parse_state(text)[0])
+        assert m.timestamp is None, text
+    m = Machine(name="x")
+    apply(m, parse_state(b"REALTIME=" + infinity + b"\nMONOTONIC=5\n")[0])
+    assert m.timestamp == Timestamp(2**64 - 1, 5)
+
+
 def test_save_is_atomic_and_links_unit(tmp_path: Path) -> None:
     d = StateDir(tmp_path / "machines")
     m = sample()
