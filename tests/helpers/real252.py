@@ -23,12 +23,16 @@ POOL = Path("/var/lib/machines")
 
 class RealMachined:
     """252 in a mount namespace of its own, with tmpfs over its state and userdb directories
-    (and `pool`, when given, bind-mounted over /var/lib/machines), so that it never touches the
-    host's. Needs `host_dirs()` around it for the mount points."""
+    (the state directory filled with a copy of `state`'s files, when given, and `pool`, when
+    given, bind-mounted over /var/lib/machines), so that it never touches the host's. Needs
+    `host_dirs()` around it for the mount points."""
 
-    def __init__(self, bus: BusDaemon, pool: Path | None = None) -> None:
+    def __init__(self, bus: BusDaemon, pool: Path | None = None,
+                 state: Path | None = None) -> None:
         steps = [f"mount -t tmpfs -o mode=0755 tmpfs {STATE_DIR}",
                  f"mount -t tmpfs -o mode=0755 tmpfs {USERDB_DIR}"]
+        if state is not None:
+            steps.append(f"cp -a {shlex.quote(str(state))}/. {STATE_DIR}/")
         if pool is not None:
             steps.append(f"mount --bind {shlex.quote(str(pool))} {POOL}")
         env = {**bus.env(), "SYSTEMD_LOG_TARGET": "console"}
