@@ -1,5 +1,5 @@
-"""Names and escapes exactly as systemd 252 defines them (hostname_is_valid, bus_label_escape,
-unit_name_escape, cescape, hidden/backup file names)."""
+"""Names and escapes exactly as systemd 252 defines them (hostname_is_valid, utf8_is_valid,
+bus_label_escape, unit_name_escape, cescape, hidden/backup file names)."""
 
 from __future__ import annotations
 
