@@ -89,7 +89,6 @@ def apply(m: Machine, data: dict[str, str]) -> None:
         m.netif = netif
 
 
-
 def _words(text: str) -> Iterator[str]:
     """extract_first_word(&p, &word, NULL, 0) word after word, as machine_load() splits NETIF:
     separated by space, tab, CR and LF; a backslash takes the next character as it is; a
