@@ -158,7 +158,7 @@ async def run(options: Options) -> int:
     await stop.wait()
     bus_watch.cancel()
     log.debug("Shutting down.")
-    sd_notify("STOPPING=1")
+    sd_notify("STOPPING=1\nSTATUS=Shutting down...")  # 252's words
     if watchdog is not None:
         watchdog.cancel()
     images.stop()

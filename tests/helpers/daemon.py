@@ -38,8 +38,9 @@ class Machined:
     """One daemon process; `log` collects its stderr. Its userdb socket goes into the bus's
     directory (`userdb_socket`), not the host's /run/systemd/userdb where nss-systemd looks."""
 
-    def __init__(self, bus: BusDaemon, *extra: str) -> None:
+    def __init__(self, bus: BusDaemon, *extra: str, env: dict[str, str] | None = None) -> None:
         self.bus = bus
+        self.env = {**bus.env(), **(env or {})}
         self.userdb_dir = bus.dir / "userdb"
         if not any(a.startswith("--userdb-dir") for a in extra):
             extra = (*extra, f"--userdb-dir={self.userdb_dir}")
@@ -52,7 +53,7 @@ class Machined:
         self.log_file = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "machined", "--log-level=debug", *self.extra],
-            cwd=REPO, env=self.bus.env(), stdout=self.log_file, stderr=subprocess.STDOUT,
+            cwd=REPO, env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         wait_for(self._ready, 15, what="machined to own org.freedesktop.machine1")

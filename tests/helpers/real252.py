@@ -24,22 +24,22 @@ POOL = Path("/var/lib/machines")
 class RealMachined:
     """252 in a mount namespace of its own, with tmpfs over its state and userdb directories
     (the state directory filled with a copy of `state`'s files, when given, and `pool`, when
-    given, bind-mounted over /var/lib/machines), so that it never touches the host's. Needs
-    `host_dirs()` around it for the mount points."""
+    given, bind-mounted over /var/lib/machines), so that it never touches the host's; `env` is
+    added to its environment. Needs `host_dirs()` around it for the mount points."""
 
     def __init__(self, bus: BusDaemon, pool: Path | None = None,
-                 state: Path | None = None) -> None:
+                 state: Path | None = None, env: dict[str, str] | None = None) -> None:
         steps = [f"mount -t tmpfs -o mode=0755 tmpfs {STATE_DIR}",
                  f"mount -t tmpfs -o mode=0755 tmpfs {USERDB_DIR}"]
         if state is not None:
             steps.append(f"cp -a {shlex.quote(str(state))}/. {STATE_DIR}/")
         if pool is not None:
             steps.append(f"mount --bind {shlex.quote(str(pool))} {POOL}")
-        env = {**bus.env(), "SYSTEMD_LOG_TARGET": "console"}
+        environ = {**bus.env(), "SYSTEMD_LOG_TARGET": "console", **(env or {})}
         self.proc = subprocess.Popen(
             ["unshare", "-m", "--propagation", "private", "sh", "-c",
              " && ".join([*steps, 'exec "$@"']), "sh", REAL_MACHINED],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
         wait_for(lambda: os.path.exists(self.userdb_socket), 15, what="252's userdb socket")
         wait_for(lambda: busctl(bus, "status", "org.freedesktop.machine1",
