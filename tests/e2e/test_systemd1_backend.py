@@ -138,6 +138,31 @@ def test_create_machine_waits_for_start_job(bus: BusDaemon, fake_systemd1: FakeS
     assert fake_systemd1.calls("UnrefUnit") == []
 
 
+def test_create_machine_whose_machine_goes_while_its_job_runs(
+        bus: BusDaemon, fake_systemd1: FakeSystemd1, machined_systemd1: Machined,
+        monitor: Monitor, procs: Processes) -> None:
+    """252 never answers such a CreateMachine; ours says why (docs/compatibility.md)."""
+    fake_systemd1.mock("SetJobMode", "s", "manual")
+    name = unique_name("gone")
+    leader = procs.sleeper()
+    call = procs.spawn(["busctl", "--system", "call", DEST, MANAGER_PATH, MANAGER,
+                        "CreateMachine", "sayssusa(sv)", *create_args(name, leader.pid), "0"],
+                       env=bus.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_calls(fake_systemd1, "StartTransientUnit")
+    monitor.wait_signal("MachineNew", lambda a: a[0] == name)
+    mcall(bus, "UnregisterMachine", "s", name)
+    out, err = call.communicate(timeout=5)
+    assert (call.returncode, out) == (1, "")
+    assert err.strip() == f"Call failed: Machine {name} went away before it started"
+    monitor.wait_signal("MachineRemoved", lambda a: a[0] == name)
+    assert name not in machine_names(bus)
+    # the job ending afterwards changes nothing
+    (job,) = fake_systemd1.mock("PendingJobs")[0]
+    fake_systemd1.mock("FinishJob", "os", job, "done")
+    wait_calls(fake_systemd1, "UnrefUnit")
+    assert name not in machine_names(bus)
+
+
 def test_create_machine_job_failed(bus: BusDaemon, fake_systemd1: FakeSystemd1,
                                    machined_systemd1: Machined, monitor: Monitor,
                                    procs: Processes) -> None:
