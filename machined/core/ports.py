@@ -65,6 +65,10 @@ class ProcessWatcher(Protocol):
 
     def alive(self, pid: int) -> bool: ...
 
+    def started_after(self, pid: int, monotonic_usec: int) -> bool:
+        """pid is a process that started after that time of CLOCK_MONOTONIC (µs), for sure."""
+        ...
+
     def signal(self, pid: int, signo: int) -> None:
         """Send signo to pid (through its pidfd when watched); raises OSError."""
         ...

@@ -23,7 +23,7 @@ from . import eager
 from .errors import ErrnoError, JobFailed, MachinedError, MachineExists
 from .machine import Machine, MachineClass, Timestamp
 from .ports import ProcessWatcher, RegistryListener, ScopeBackend, ScopeProperties
-from .statefile import StateDir
+from .statefile import USEC_INFINITY, StateDir
 from .validate import MachineSpec
 
 log = logging.getLogger(__name__)
@@ -86,12 +86,16 @@ class Registry:
             if m.name in self.machines:
                 continue
             self._add(m)
-            if not m.leader or not self.backend.adopt(m):
-                log.info("Dropping stale machine %s (leader %d gone).", m.name, m.leader)
-                self._finalize(m)
-                self._free(m)
+            if self._leader_came_later(m):  # before adopt(), which takes the unit on
+                reason = f"PID {m.leader} is a process started after it"
+            elif not m.leader or not self.backend.adopt(m):
+                reason = f"leader {m.leader} gone"
+            else:
+                reloaded.append(m)
                 continue
-            reloaded.append(m)
+            log.info("Dropping stale machine %s (%s).", m.name, reason)
+            self._finalize(m)
+            self._free(m)
         # Checked here, not through the GC queue: its task drops machines that are not started
         # yet, which these all are while the checks await systemd's answers.
         for m in reloaded:
@@ -109,6 +113,14 @@ class Registry:
             except MachinedError as e:
                 log.warning("Failed to start machine %s: %s", m.name, e.message)
                 self.queue_gc(m)
+
+    def _leader_came_later(self, m: Machine) -> bool:
+        """A reloaded machine's leader PID now names a process that started after the machine
+        did: its leader died while we were away and the PID went to another (252 would adopt
+        it). The machine's start time is in its state file; a file without one is trusted."""
+        started = m.timestamp.monotonic if m.timestamp is not None else 0
+        return (0 < started < USEC_INFINITY and m.leader > 0
+                and self.watcher.started_after(m.leader, started))
 
     async def shutdown(self) -> None:
         """Drop our references on scopes we created; state files stay for the next start."""

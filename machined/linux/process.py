@@ -11,6 +11,7 @@ import select
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,31 @@ def pid_exists(pid: int) -> bool:
         return False
     state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
     return state not in (b"Z", b"X")
+
+
+_TICK_USEC = 1_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+def started_after(pid: int, monotonic_usec: int) -> bool:
+    """True if pid is a process that started after that time of CLOCK_MONOTONIC for sure:
+    a process that ran at that time cannot be it, whatever its PID says.
+
+    /proc gives the start in clock ticks of CLOCK_BOOTTIME, which is ahead of CLOCK_MONOTONIC by
+    the time spent suspended. The time is moved onto CLOCK_BOOTTIME with today's lead, the
+    largest it has been, so a process that did run then is never taken for a later one (one
+    that started after a suspend that came after that time may be missed); one tick more is
+    allowed for the readings."""
+    try:
+        stat = read_proc(pid, "stat")
+    except OSError:
+        return False
+    try:
+        ticks = int(stat[stat.rfind(b")") + 2:].split()[19])  # field 22, starttime
+    except (IndexError, ValueError):
+        return False
+    lead = (time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+            - time.clock_gettime_ns(time.CLOCK_MONOTONIC)) // 1000
+    return ticks * _TICK_USEC > monotonic_usec + lead + _TICK_USEC
 
 
 def parent_pid(pid: int) -> int:
@@ -103,6 +129,9 @@ class PidfdWatcher:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         return not poller.poll(0)
+
+    def started_after(self, pid: int, monotonic_usec: int) -> bool:
+        return started_after(pid, monotonic_usec)
 
     def signal(self, pid: int, signo: int) -> None:
         fd = self._fds.get(pid)

@@ -77,3 +77,39 @@ def test_parent_and_liveness() -> None:
     p.wait()
     assert process.parent_pid(p.pid) == 0
     assert process.pid_exists(p.pid) is False
+
+
+def monotonic_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+def test_started_after() -> None:
+    before = monotonic_usec()
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        time.sleep(0.05)
+        # a process that ran at a time is never taken for a later one
+        assert not process.started_after(child.pid, before)
+        assert not process.started_after(child.pid, monotonic_usec())
+        assert not process.started_after(os.getpid(), before)
+        # one that started a second after a time did start after it
+        assert process.started_after(child.pid, before - 1_000_000)
+    finally:
+        child.kill()
+        child.wait()
+    assert not process.started_after(child.pid, 0)  # gone: nothing to tell
+
+
+def test_started_after_reads_the_start_after_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command may hold spaces and parentheses; the start time is field 22."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    boot_lead = (time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+                 - time.clock_gettime_ns(time.CLOCK_MONOTONIC)) // 1000
+    start = 100 * ticks + boot_lead * ticks // 1_000_000  # 100 s of CLOCK_MONOTONIC
+    stat = (b"42 (a) b (c) S 1 42 42 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 "
+            + str(start).encode() + b" 1000 100 18446744073709551615\n")
+    monkeypatch.setattr(process, "read_proc", lambda pid, name: stat)
+    assert process.started_after(42, 90_000_000)
+    assert not process.started_after(42, 100_000_000)
+    monkeypatch.setattr(process, "read_proc", lambda pid, name: b"42 (a) S 1\n")
+    assert not process.started_after(42, 0)

@@ -75,6 +75,7 @@ class FakeWatcher:
         self.dead: set[int] = set()
         self.callbacks: dict[int, Callable[[], None]] = {}
         self.signals: list[tuple[int, int]] = []
+        self.started: dict[int, int] = {}  # pid -> CLOCK_MONOTONIC µs of its start
 
     def watch(self, pid: int, on_exit: Callable[[], None]) -> bool:
         if pid in self.dead:
@@ -87,6 +88,9 @@ class FakeWatcher:
 
     def alive(self, pid: int) -> bool:
         return pid not in self.dead
+
+    def started_after(self, pid: int, monotonic_usec: int) -> bool:
+        return self.started.get(pid, 0) > monotonic_usec
 
     def signal(self, pid: int, signo: int) -> None:
         self.signals.append((pid, signo))
@@ -312,6 +316,30 @@ async def test_reload_keeps_live_and_drops_dead(world: World, tmp_path: Path) ->
     assert again.registry.get("b") is None
     assert ("new", "b") not in again.listener.events
     assert not (tmp_path / "b").exists()
+
+
+async def test_reload_drops_a_machine_whose_pid_went_to_a_later_process(
+        world: World, tmp_path: Path) -> None:
+    """The leader died while no daemon ran and its PID went to a process started later, in
+    the same unit: that process is not the machine's (252 would adopt it)."""
+    a = await world.registry.create(spec("a", 100), [], 1)
+    b = await world.registry.create(spec("b", 200), [], 1)
+    assert a.timestamp is not None and b.timestamp is not None
+    again = World(tmp_path)
+    again.backend.active = {"machine-a.scope", "machine-b.scope"}
+    again.watcher.started = {100: a.timestamp.monotonic - 1, 200: b.timestamp.monotonic + 1}
+    await again.registry.start()
+    await again.settle()
+    assert again.registry.get("a") is not None
+    assert again.registry.get("b") is None and not (tmp_path / "b").exists()
+    assert ("new", "b") not in again.listener.events
+    # a file without the machine's start time cannot tell: its machine is kept
+    (tmp_path / "c").write_text("NAME=c\nLEADER=300\nCLASS=container\nSCOPE=c.scope\n")
+    third = World(tmp_path)
+    third.backend.active = {"machine-a.scope", "c.scope"}
+    third.watcher.started = {300: 2**62}
+    await third.registry.start()
+    assert third.registry.get("c") is not None
 
 
 async def test_reload_keeps_every_live_machine_when_the_backend_answers_later(
