@@ -51,8 +51,8 @@ _TICK_USEC = 1_000_000 // os.sysconf("SC_CLK_TCK")
 
 
 def started_after(pid: int, monotonic_usec: int) -> bool:
-    """True if pid is a process that started after that time of CLOCK_MONOTONIC for sure:
-    a process that ran at that time cannot be it, whatever its PID says.
+    """True if pid is, for sure, a process that started after that time of CLOCK_MONOTONIC
+    (µs), so not one that was running then.
 
     /proc gives the start in clock ticks of CLOCK_BOOTTIME, which is ahead of CLOCK_MONOTONIC by
     the time spent suspended. The time is moved onto CLOCK_BOOTTIME with today's lead, the

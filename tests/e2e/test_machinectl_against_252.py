@@ -11,7 +11,6 @@ import re
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -19,9 +18,7 @@ from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.client import MANAGER as MGR
 from tests.helpers.client import MANAGER_PATH as M
 from tests.helpers.client import connect, outcome
-from tests.helpers.daemon import cgroup2_mount
-from tests.helpers.leaders import CgroupLeaders
-from tests.helpers.real252 import REAL_MACHINED, host_dirs, side_by_side
+from tests.helpers.real252 import leaders_beside_252, side_by_side
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, mounts)")
 
@@ -79,30 +76,23 @@ class Side:
 
 @pytest.fixture(scope="module")
 def sides() -> Iterator[list[Side]]:
-    if not os.path.exists(REAL_MACHINED):
-        pytest.fail(f"{REAL_MACHINED} is missing: the set-up installs systemd-container")
-    slice_dir = Path(cgroup2_mount()) / "machine.slice"
-    leaders = CgroupLeaders()
-    with host_dirs(slice_dir):
-        try:
-            with side_by_side("--scope-backend=cgroupfs") as two:
-                assert two.real_bus is not None
-                out = [Side("r", two.real_bus), Side("o", two.ours_bus)]
-                for side in out:
-                    conn = connect(side.bus)
-                    for i, (name, id_, service, cls, root, ifindices) in enumerate(MACHINES):
-                        # 252 takes a leader only in a scope of its own
-                        pid = leaders.sleeper(slice_dir / f"mc{side.tag}-{i}.scope")
-                        side.pids[pid] = name
-                        got = (outcome(conn, M, MGR, "RegisterMachine", "sayssus", name, id_,
-                                       service, cls, pid, root) if ifindices is None else
-                               outcome(conn, M, MGR, "RegisterMachineWithNetwork", "sayssusai",
-                                       name, id_, service, cls, pid, root, ifindices))
-                        assert got[0] == "ok", (side.tag, name, got)
-                    conn.close()
-                yield out
-        finally:
-            leaders.close()
+    with leaders_beside_252() as (slice_dir, leaders), \
+            side_by_side("--scope-backend=cgroupfs") as two:
+        assert two.real_bus is not None
+        out = [Side("r", two.real_bus), Side("o", two.ours_bus)]
+        for side in out:
+            conn = connect(side.bus)
+            for i, (name, id_, service, cls, root, ifindices) in enumerate(MACHINES):
+                # 252 takes a leader only in a scope of its own
+                pid = leaders.sleeper(slice_dir / f"mc{side.tag}-{i}.scope")
+                side.pids[pid] = name
+                got = (outcome(conn, M, MGR, "RegisterMachine", "sayssus", name, id_, service,
+                               cls, pid, root) if ifindices is None else
+                       outcome(conn, M, MGR, "RegisterMachineWithNetwork", "sayssusai", name,
+                               id_, service, cls, pid, root, ifindices))
+                assert got[0] == "ok", (side.tag, name, got)
+            conn.close()
+        yield out
 
 
 @pytest.mark.parametrize("user", ["root", "nobody"])

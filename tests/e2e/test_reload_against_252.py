@@ -24,9 +24,8 @@ from tests.helpers.client import MANAGER as MGR
 from tests.helpers.client import MANAGER_PATH as M
 from tests.helpers.client import PROPERTIES as PROPS
 from tests.helpers.client import connect, outcome
-from tests.helpers.daemon import Machined, cgroup2_mount, wait_for
-from tests.helpers.leaders import CgroupLeaders
-from tests.helpers.real252 import REAL_MACHINED, RealMachined, difference, host_dirs
+from tests.helpers.daemon import Machined, wait_for
+from tests.helpers.real252 import RealMachined, difference, leaders_beside_252
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, mounts)")
 
@@ -81,23 +80,15 @@ def machines(bus: BusDaemon) -> dict[str, Any]:
 
 @pytest.fixture
 def state(tmp_path: Path) -> Iterator[Path]:
-    if not os.path.exists(REAL_MACHINED):
-        pytest.fail(f"{REAL_MACHINED} is missing: the set-up installs systemd-container")
-    slice_dir = Path(cgroup2_mount()) / "machine.slice"
-    leaders = CgroupLeaders()
-    with host_dirs(slice_dir):
-        try:
-            d = tmp_path / "machines"
-            d.mkdir()
-            for i, (name, lines) in enumerate(CASES.items()):
-                pid = leaders.sleeper(slice_dir / f"reloadtest-{i}.scope")
-                (d / name).write_bytes(
-                    f"SCOPE=reloadtest-{i}.scope\nLEADER={pid}\nCLASS=container\n{lines}"
-                    .encode())
-                (d / f"unit:reloadtest-{i}.scope").symlink_to(name)
-            yield d
-        finally:
-            leaders.close()
+    with leaders_beside_252() as (slice_dir, leaders):
+        d = tmp_path / "machines"
+        d.mkdir()
+        for i, (name, lines) in enumerate(CASES.items()):
+            pid = leaders.sleeper(slice_dir / f"reloadtest-{i}.scope")
+            (d / name).write_bytes(
+                f"SCOPE=reloadtest-{i}.scope\nLEADER={pid}\nCLASS=container\n{lines}".encode())
+            (d / f"unit:reloadtest-{i}.scope").symlink_to(name)
+        yield d
 
 
 def test_state_files_read_back_as_252_reads_them(state: Path, tmp_path: Path) -> None:

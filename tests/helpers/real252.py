@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import pytest
+
 from .busdaemon import BusDaemon
-from .daemon import Machined, busctl, clean_state, wait_for
+from .daemon import Machined, busctl, cgroup2_mount, clean_state, wait_for
+from .leaders import CgroupLeaders
 from .process import stop_process
 
 REAL_MACHINED = "/lib/systemd/systemd-machined"
@@ -66,6 +69,22 @@ def host_dirs(*extra: Path) -> Iterator[None]:
         for d in reversed(made):
             with contextlib.suppress(OSError):
                 d.rmdir()
+
+
+@contextlib.contextmanager
+def leaders_beside_252() -> Iterator[tuple[Path, CgroupLeaders]]:
+    """For a test of 252 beside ours (252 must be installed): the machine.slice directory of
+    the cgroup2 hierarchy, where 252 takes leaders, with host_dirs() around it, and leaders
+    that are all gone afterwards."""
+    if not os.path.exists(REAL_MACHINED):
+        pytest.fail(f"{REAL_MACHINED} is missing: the set-up installs systemd-container")
+    slice_dir = Path(cgroup2_mount()) / "machine.slice"
+    leaders = CgroupLeaders()
+    with host_dirs(slice_dir):
+        try:
+            yield slice_dir, leaders
+        finally:
+            leaders.close()
 
 
 def map_strings(value: Any, f: Callable[[str], str], drop_keys: tuple[str, ...] = ()) -> Any:
