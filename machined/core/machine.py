@@ -63,7 +63,12 @@ class Machine:
     started: bool = False
     stopping: bool = False
     finalized: bool = False  # its files are gone; MachineRemoved was sent if it was announced
-    # True when this daemon created the scope (systemd1: it holds an AddRef reference).
+    # The scope is one this daemon made (a reloaded machine's too, when its unit has the name
+    # the daemon gives scopes): garbage collection stops it. Nobody else's unit is stopped.
+    own_scope: bool = False
+    # This daemon holds something of the scope to let go when the machine goes (systemd1: an
+    # AddRef reference, which dies with the bus connection, so not a reloaded machine's;
+    # cgroupfs: the cgroup to remove).
     referenced: bool = False
 
     @functools.cached_property

@@ -319,9 +319,9 @@ class Registry:
     async def _gc_one(self, m: Machine, drop_not_started: bool) -> None:
         if not await self._may_gc(m, drop_not_started):
             return
-        # Only scopes we created are stopped here: unlike 252, a failed registration never
-        # stops somebody else's unit (spec §6.11).
-        if m.referenced and m.state != "closing":
+        # Only scopes of ours (m.own_scope) are stopped here: unlike 252, a failed registration
+        # never stops somebody else's unit (spec §6.11).
+        if m.own_scope and m.state != "closing":
             try:
                 await self._stop(m)
             except MachinedError as e:

@@ -131,7 +131,7 @@ class CgroupfsBackend:
             scope.stop_timeout = settings.stop_timeout
         self._track(scope)
         m.unit = unit
-        m.referenced = True
+        m.own_scope = m.referenced = True
         return ""
 
     async def unit_for_registration(self, m: Machine, sender_pid: int) -> None:
@@ -153,7 +153,7 @@ class CgroupfsBackend:
         unit = machine_scope_name(m.name)
         self._track(self._new_scope(unit, DEFAULT_SLICE, pids, registering=True))
         m.unit = unit
-        m.referenced = True
+        m.own_scope = m.referenced = True
 
     @staticmethod
     def _is_supervisor(sender_pid: int, leader: int) -> bool:
@@ -238,7 +238,7 @@ class CgroupfsBackend:
             return False  # the leader is not in its unit: the PID was reused
         owned = m.unit == machine_scope_name(m.name) and path.endswith("/" + m.unit)
         self._track(Scope(unit=m.unit, path=path, owned=owned, stop_timeout=self.stop_timeout))
-        m.referenced = owned
+        m.own_scope = m.referenced = owned
         return True
 
     def collect_orphans(self) -> None:

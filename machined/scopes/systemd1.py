@@ -108,7 +108,7 @@ class Systemd1Backend:
         (job,) = await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))",
                                      unit, "fail", props, [])
         m.unit = unit
-        m.referenced = True
+        m.own_scope = m.referenced = True
         return str(job)
 
     async def unit_for_registration(self, m: Machine, sender_pid: int) -> None:
@@ -162,4 +162,6 @@ class Systemd1Backend:
             log.debug("Failed to drop reference to unit %s: %s", m.unit, e.message)
 
     def adopt(self, m: Machine) -> bool:
+        # Made by the daemon that ran before; its AddRef went with that daemon's connection.
+        m.own_scope = m.unit == machine_scope_name(m.name)
         return pid_exists(m.leader)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.busdaemon import BusDaemon
-from tests.helpers.daemon import Machined, wait_for
+from tests.helpers.daemon import Machined, cgroup2_mount, wait_for
 
 from .conftest import run_machined
 from .support import (
@@ -295,4 +295,30 @@ def test_terminate_with_slow_systemd1_stops_unit_once(bus: BusDaemon,
     wait_calls(fake_systemd1, "UnrefUnit")
     time.sleep(0.7)  # a second StopUnit, if any, has been answered by now
     assert [c["args"] for c in fake_systemd1.calls("StopUnit")] == [[unit, "fail"]]
+    assert_machine_gone(bus, name, unit)
+
+
+def test_a_reloaded_machine_has_its_scope_stopped_when_its_leader_dies(
+        bus: BusDaemon, fake_systemd1: FakeSystemd1, machined_systemd1: Machined,
+        monitor: Monitor, procs: Processes) -> None:
+    """The scope a daemon made before a restart is still one of ours: when the leader dies,
+    what is left in it is stopped, as without the restart. The AddRef reference went with
+    the old daemon's connection, so no UnrefUnit (252 sends none for a reloaded machine)."""
+    name = unique_name("rel")
+    unit = scope_name(name)
+    leader = procs.sleeper()
+    create_machine(bus, name, leader.pid)
+    stray = procs.sleeper()  # a process of the machine that outlives its leader
+    scope_dir = Path(cgroup2_mount()) / cgroup_of(leader.pid).lstrip("/")
+    (scope_dir / "cgroup.procs").write_text(str(stray.pid))
+    machined_systemd1.kill9()
+    machined_systemd1.start()
+    assert name in machine_names(bus)
+    leader.kill()
+    leader.wait(3)
+    monitor.wait_signal("MachineRemoved", lambda a: a[0] == name, timeout=5)
+    assert [c["args"] for c in wait_calls(fake_systemd1, "StopUnit")] == [[unit, "fail"]]
+    assert stray.wait(5) == -signal.SIGTERM
+    time.sleep(0.3)  # an UnrefUnit, if any, has been sent by now
+    assert fake_systemd1.calls("UnrefUnit") == []
     assert_machine_gone(bus, name, unit)

@@ -31,7 +31,7 @@ class FakeBackend:
         if self.fail_start:
             raise self.fail_start
         m.unit = f"machine-{m.name}.scope"
-        m.referenced = True
+        m.own_scope = m.referenced = True
         self.active.add(m.unit)
         if self.job_mode:
             self._n += 1
@@ -67,6 +67,7 @@ class FakeBackend:
         m.referenced = False
 
     def adopt(self, m: Machine) -> bool:
+        m.own_scope = m.unit == f"machine-{m.name}.scope"  # as the systemd1 backend's
         return True
 
 
@@ -340,6 +341,26 @@ async def test_reload_drops_a_machine_whose_pid_went_to_a_later_process(
     third.watcher.started = {300: 2**62}
     await third.registry.start()
     assert third.registry.get("c") is not None
+
+
+async def test_a_reloaded_machine_of_ours_has_its_scope_stopped_when_its_leader_dies(
+        world: World, tmp_path: Path) -> None:
+    """What is left in the scope of a machine this daemon (or the one before it) made is
+    stopped with it, as before the restart; the reference on the unit went with the old
+    daemon's connection, so nothing is released."""
+    await world.registry.create(spec("a", 100), [], 1)
+    again = World(tmp_path)
+    again.backend.active = {"machine-a.scope"}
+    await again.registry.start()
+    await again.settle()
+    m = again.registry.get("a")
+    assert m is not None and m.own_scope and not m.referenced
+    again.backend.active.clear()  # the stop (below) empties it
+    again.watcher.exit(100)
+    await again.settle()
+    assert again.registry.get("a") is None
+    # release() lets go of what m.referenced says it holds: nothing here (no UnrefUnit)
+    assert again.backend.calls == [("stop", "machine-a.scope"), ("release", "machine-a.scope")]
 
 
 async def test_reload_keeps_every_live_machine_when_the_backend_answers_later(
