@@ -164,7 +164,7 @@ async def run(options: Options) -> int:
     images.stop()
     handlers.inside.stop()
     await dispatcher.drain()
-    await registry.shutdown()
+    registry.shutdown()
     if isinstance(backend, CgroupfsBackend):
         await backend.close()
     watcher.close()

@@ -11,7 +11,6 @@ How a machine goes away, in one place:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 from collections import OrderedDict
@@ -122,8 +121,9 @@ class Registry:
         return (0 < started < USEC_INFINITY and m.leader > 0
                 and self.watcher.started_after(m.leader, started))
 
-    async def shutdown(self) -> None:
-        """Drop our references on scopes we created; state files stay for the next start."""
+    def shutdown(self) -> None:
+        """Stop collecting; machines, scopes and state files stay for the next start. Our
+        AddRef references on scopes go with the bus connection: 252 sends no UnrefUnit either."""
         # Leaders that die from now on are collected by the next start (from the state files):
         # a collection now would race the bus connection going away.
         self._shutting_down = True
@@ -131,10 +131,6 @@ class Registry:
             self._gc_task.cancel()
         for task in list(self._tasks):
             task.cancel()
-        for m in self:
-            if m.referenced:
-                with contextlib.suppress(Exception):
-                    await self.backend.release(m)
 
     # ----------------------------------------------------------------- create / register
     def _new_machine(self, spec: MachineSpec, sender_pid: int) -> Machine:

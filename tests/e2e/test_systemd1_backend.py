@@ -322,3 +322,18 @@ def test_a_reloaded_machine_has_its_scope_stopped_when_its_leader_dies(
     time.sleep(0.3)  # an UnrefUnit, if any, has been sent by now
     assert fake_systemd1.calls("UnrefUnit") == []
     assert_machine_gone(bus, name, unit)
+
+
+def test_stopping_the_daemon_leaves_its_scopes_alone(
+        bus: BusDaemon, fake_systemd1: FakeSystemd1, machined_systemd1: Machined,
+        procs: Processes) -> None:
+    """SIGTERM: no StopUnit, no UnrefUnit (the AddRef goes with the connection), as 252; the
+    next daemon takes the machine back."""
+    name = unique_name("term")
+    leader = procs.sleeper()
+    create_machine(bus, name, leader.pid)
+    assert machined_systemd1.stop() == 0
+    assert fake_systemd1.calls("StopUnit") == fake_systemd1.calls("UnrefUnit") == []
+    assert pid_alive(leader.pid)
+    machined_systemd1.start()
+    assert name in machine_names(bus)
