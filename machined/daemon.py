@@ -119,7 +119,9 @@ async def run(options: Options) -> int:
                     "service.", options.userdb_dir, e.strerror)
 
     # Reload before taking the name: 252 reloads with blocking calls, so no client (one that
-    # activated us, say) ever sees the machine list before the state files are read.
+    # activated us, say) ever sees the machine list before the state files are read. The
+    # reloaded machines' MachineNew go out once the name is ours, as 252's do.
+    dispatcher.hold_signals()
     await registry.start()
     if isinstance(backend, CgroupfsBackend):
         backend.collect_orphans()
@@ -128,6 +130,7 @@ async def run(options: Options) -> int:
     except SdBusRequestNameError as e:
         log.error("Failed to acquire %s: %s", BUS_NAME, e)
         return 1
+    dispatcher.release_signals()
     sd_notify("READY=1\nSTATUS=Processing requests...")  # 252's words
     log.debug("Ready: %d machine(s) registered.", len(registry.machines) - 1)
 

@@ -148,6 +148,7 @@ class Dispatcher:
         self._exports: dict[tuple[str, str], SdBusInterface] = {}
         self._privileged: PrivilegedMethods | None = None
         self._undo_shortcuts: Callable[[], None] | None = None
+        self._held: list[tuple[str, str, str, str, tuple[Any, ...]]] | None = None
         try:
             self._undo_shortcuts = libsdbus.shortcut_method_callbacks(asyncio.get_running_loop())
         except Unavailable as e:  # each call then costs sdbus's own checks, nothing else changes
@@ -286,7 +287,21 @@ class Dispatcher:
             log.warning("Introspection keeps sdbus's member order: %s", e)
         return vtable
 
+    def hold_signals(self) -> None:
+        """Keep the signals emitted from now on until release_signals(). Sent before the daemon
+        owns its bus name, a signal misses every client whose match names the sender
+        org.freedesktop.machine1, as most clients' do."""
+        self._held = []
+
+    def release_signals(self) -> None:
+        held, self._held = self._held or [], None
+        for path, interface, member, signature, args in held:
+            self.emit(path, interface, member, signature, *args)
+
     def emit(self, path: str, interface: str, member: str, signature: str, *args: Any) -> None:
+        if self._held is not None:
+            self._held.append((path, interface, member, signature, args))
+            return
         msg = self.bus.new_signal_message(path, interface, member)
         msg.append_data(signature, *args)
         msg.send()

@@ -92,7 +92,7 @@ class Registry:
             else:
                 reloaded.append(m)
                 continue
-            log.info("Dropping stale machine %s (%s).", m.name, reason)
+            log.debug("Dropping stale machine %s (%s).", m.name, reason)  # 252 says nothing
             self._finalize(m)
             self._free(m)
         # Checked here, not through the GC queue: its task drops machines that are not started
