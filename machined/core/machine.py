@@ -40,10 +40,11 @@ class Timestamp:
     @classmethod
     def boot(cls) -> Timestamp:
         """The boot time, as the .host machine reports it: 252's dual_timestamp_from_boottime(0),
-        CLOCK_BOOTTIME 0 mapped onto the other two clocks in µs, 0 where that would be negative
-        (so the monotonic part is 0, or a µs or two that passed between the readings)."""
-        boot = time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1000
+        CLOCK_BOOTTIME 0 mapped onto the other two clocks in µs, 0 where that would be negative.
+        The monotonic part is 0 then: 252's C reads its clocks within a µs of each other, ours
+        may take a few, so CLOCK_MONOTONIC is read first (it never runs ahead of BOOTTIME)."""
         monotonic = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        boot = time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1000
         realtime = time.clock_gettime_ns(time.CLOCK_REALTIME) // 1000
         return cls(max(realtime - boot, 0), max(monotonic - boot, 0))
 
