@@ -187,8 +187,14 @@ def tree_metadata(root: str, raw_image: bool = False) -> Metadata:
     )
 
 
+LOOP_CONTROL = "/dev/loop-control"
+
+
 def read_metadata(path: str) -> Metadata:
     """Blocking: dissect and mount `path` in a child, return what it found."""
+    # 252 opens the loop control device first and fails with its errno: ENOENT where there
+    # are no loop devices (a container, PrivateDevices=), where losetup only says it failed.
+    os.close(os.open(LOOP_CONTROL, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK))
     root, usr = find_partitions(path)
     args = [str(x) for p in (root, usr) for x in ((p.offset, p.size) if p else (-1, -1))]
     proc = subprocess.run(
