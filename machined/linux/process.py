@@ -37,14 +37,20 @@ def read_proc(pid: int, name: str) -> bytes:
         os.close(fd)
 
 
-def pid_exists(pid: int) -> bool:
-    """True if pid runs and is not a zombie."""
+def _stat_after_command(pid: int) -> bytes | None:
+    """/proc/PID/stat from field 3 (the state) on, past the command, which may hold spaces and
+    parentheses; None if pid is gone."""
     try:
         stat = read_proc(pid, "stat")
     except OSError:
-        return False
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
-    return state not in (b"Z", b"X")
+        return None
+    return stat[stat.rfind(b")") + 2 :]
+
+
+def pid_exists(pid: int) -> bool:
+    """True if pid runs and is not a zombie."""
+    fields = _stat_after_command(pid)
+    return fields is not None and fields[:1] not in (b"Z", b"X")
 
 
 _TICK_USEC = 1_000_000 // os.sysconf("SC_CLK_TCK")
@@ -59,12 +65,11 @@ def started_after(pid: int, monotonic_usec: int) -> bool:
     largest it has been, so a process that did run then is never taken for a later one (one
     that started after a suspend that came after that time may be missed); one tick more is
     allowed for the readings."""
-    try:
-        stat = read_proc(pid, "stat")
-    except OSError:
+    fields = _stat_after_command(pid)
+    if fields is None:
         return False
     try:
-        ticks = int(stat[stat.rfind(b")") + 2:].split()[19])  # field 22, starttime
+        ticks = int(fields.split()[19])  # field 22, starttime
     except (IndexError, ValueError):
         return False
     lead = (time.clock_gettime_ns(time.CLOCK_BOOTTIME)
@@ -74,11 +79,8 @@ def started_after(pid: int, monotonic_usec: int) -> bool:
 
 def parent_pid(pid: int) -> int:
     """The parent of pid, or 0 if pid is gone."""
-    try:
-        stat = read_proc(pid, "stat")
-    except OSError:
-        return 0
-    return int(stat[stat.rfind(b")") + 2 :].split()[1])
+    fields = _stat_after_command(pid)
+    return 0 if fields is None else int(fields.split()[1])
 
 
 class PidfdWatcher:
