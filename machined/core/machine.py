@@ -27,6 +27,14 @@ def machine_path(name: str) -> str:
     return MACHINE_PATH_PREFIX + bus_label_escape(name)
 
 
+USEC_INFINITY = 2**64 - 1
+
+
+def timestamp_is_set(usec: int) -> bool:
+    """systemd's timestamp_is_set(): neither 0 nor USEC_INFINITY."""
+    return 0 < usec < USEC_INFINITY
+
+
 @dataclass
 class Timestamp:
     realtime: int  # µs since the epoch

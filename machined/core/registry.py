@@ -20,9 +20,9 @@ from typing import Any
 from ..logs import MACHINE_START, MACHINE_STOP, info_after_reply
 from . import eager
 from .errors import ErrnoError, JobFailed, MachinedError, MachineExists
-from .machine import Machine, MachineClass, Timestamp
+from .machine import Machine, MachineClass, Timestamp, timestamp_is_set
 from .ports import ProcessWatcher, RegistryListener, ScopeBackend, ScopeProperties
-from .statefile import USEC_INFINITY, StateDir
+from .statefile import StateDir
 from .validate import MachineSpec
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class Registry:
         did: its leader died while we were away and the PID went to another (252 would adopt
         it). The machine's start time is in its state file; a file without one is trusted."""
         started = m.timestamp.monotonic if m.timestamp is not None else 0
-        return (0 < started < USEC_INFINITY and m.leader > 0
+        return (timestamp_is_set(started) and m.leader > 0
                 and self.watcher.started_after(m.leader, started))
 
     def shutdown(self) -> None:

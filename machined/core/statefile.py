@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .envfile import valid_assignments
 from .errors import ErrnoError
-from .machine import Machine, MachineClass, Timestamp
+from .machine import USEC_INFINITY, Machine, MachineClass, Timestamp, timestamp_is_set
 from .names import cescape, hidden_or_backup_file, machine_name_is_valid
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,6 @@ DEFAULT_STATE_DIR = Path("/run/systemd/machines")
 HEADER = "# This is private data. Do not parse.\n"
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _ASSIGNED_WHILE_READING = ("SCOPE", "SCOPE_JOB", "SERVICE", "ROOT")
-USEC_INFINITY = 2**64 - 1
 
 
 def serialize(m: Machine) -> str:
@@ -81,7 +80,7 @@ def apply(m: Machine, data: dict[str, str]) -> None:
         m.cls = MachineClass(data.get("CLASS", ""))
     realtime, monotonic = (_c_integer(data.get(key, ""), 0, USEC_INFINITY) or 0
                            for key in ("REALTIME", "MONOTONIC"))
-    if 0 < realtime < USEC_INFINITY or 0 < monotonic < USEC_INFINITY:  # dual_timestamp_is_set()
+    if timestamp_is_set(realtime) or timestamp_is_set(monotonic):  # dual_timestamp_is_set()
         m.timestamp = Timestamp(realtime, monotonic)  # else the start takes the time, as in 252
     netif = [i for word in _words(data.get("NETIF", ""))
              if (i := _c_integer(word, 1, 2**31 - 1)) is not None]  # parse_ifindex()
