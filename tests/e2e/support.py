@@ -124,12 +124,16 @@ def dbus_call_error(bus: BusDaemon, dest: str, path: str, iface: str, method: st
 
 # ------------------------------------------------------------------------------ monitor
 class Monitor:
-    """`busctl monitor` in the background; every message as a dict (busctl's JSON)."""
+    """`busctl monitor` in the background; every message as a dict (busctl's JSON). With
+    `matches`, only the messages one of those match rules takes (and sync()'s markers)."""
 
-    def __init__(self, bus: BusDaemon) -> None:
+    SYNC = "type='signal',interface='org.e2e.Sync'"
+
+    def __init__(self, bus: BusDaemon, *matches: str) -> None:
         self.bus = bus
+        rules = [f"--match={rule}" for rule in (*matches, self.SYNC)] if matches else []
         self.proc = subprocess.Popen(
-            ["busctl", "--system", "--json=short", "monitor"], env=bus.env(),
+            ["busctl", "--system", "--json=short", "monitor", *rules], env=bus.env(),
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             start_new_session=True)
         self.messages: list[dict[str, Any]] = []

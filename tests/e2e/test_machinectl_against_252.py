@@ -18,7 +18,7 @@ from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.client import MANAGER as MGR
 from tests.helpers.client import MANAGER_PATH as M
 from tests.helpers.client import connect, outcome
-from tests.helpers.real252 import leaders_beside_252, side_by_side
+from tests.helpers.real252 import leaders_beside_252, side_by_side, without_times
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, mounts)")
 
@@ -46,7 +46,6 @@ COMMANDS = [
     ["show", "-a", "mc-net"], ["show", "--value", "-p", "Service", *NAMES],
     ["show", "-p", "NetworkInterfaces", "-p", "RootDirectory", "-p", "Id", *NAMES],
 ]
-_SINCE = re.compile(r"\w{3} \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \w+(; [^\n]*? ago)?")
 
 
 @dataclass
@@ -69,9 +68,7 @@ class Side:
         text = text.replace(f"mc{self.tag}-", "mcX-")
         for pid, name in self.pids.items():
             text = re.sub(rf"(?<!\d){pid}(?!\d)", f"<leader of {name}>", text)
-        text = re.sub(r'"(Timestamp|TimestampMonotonic|created)" *: *\d+', r'"\1": TIME', text)
-        text = re.sub(r"^(Timestamp|TimestampMonotonic)=.*$", r"\1=TIME", text, flags=re.M)
-        return _SINCE.sub("TIME", text)
+        return without_times(text)
 
 
 @pytest.fixture(scope="module")

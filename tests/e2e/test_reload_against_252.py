@@ -10,9 +10,7 @@ keeps it for good, and one whose leader PID names a process started after the ma
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +25,9 @@ from tests.helpers.client import MANAGER_PATH as M
 from tests.helpers.client import PROPERTIES as PROPS
 from tests.helpers.client import connect, outcome
 from tests.helpers.daemon import Machined, wait_for
-from tests.helpers.process import stop_process
 from tests.helpers.real252 import RealMachined, difference, leaders_beside_252
+
+from .support import Monitor
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, mounts)")
 
@@ -94,38 +93,17 @@ def state(tmp_path: Path) -> Iterator[Path]:
         yield d
 
 
-class SenderMonitor:
-    """dbus-monitor with the match most clients use: MachineNew from the sender
-    org.freedesktop.machine1, which only matches once the daemon owns that name."""
-
-    RULE = ("type='signal',sender='org.freedesktop.machine1',"
-            "interface='org.freedesktop.machine1.Manager',member='MachineNew'")
-    READY = "type='signal',interface='org.example.Test',member='Ready'"
-
-    def __init__(self, bus: BusDaemon, log: Path) -> None:
-        self.log = log
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(["dbus-monitor", "--address", bus.address, self.RULE,
-                                          self.READY], stdout=out, stderr=subprocess.STDOUT)
-        # listening once a signal of its own gets through
-        wait_for(lambda: subprocess.run(
-            ["dbus-send", "--address=" + bus.address, "--type=signal", "/", "org.example.Test.Ready"],
-            check=False).returncode == 0 and "member=Ready" in log.read_text(), 10, 0.1,
-            "dbus-monitor to listen")
-
-    def machine_new(self) -> list[str]:
-        """The names in the MachineNew signals seen so far."""
-        return re.findall(r'member=MachineNew\n\s+string "([^"]*)"', self.log.read_text())
-
-    def stop(self) -> None:
-        stop_process(self.proc)
+# The match most clients use: MachineNew from the sender org.freedesktop.machine1, which only
+# matches once the daemon owns that name.
+FROM_THE_NAME = ("type='signal',sender='org.freedesktop.machine1',"
+                 "interface='org.freedesktop.machine1.Manager',member='MachineNew'")
 
 
 def test_state_files_read_back_as_252_reads_them(state: Path, tmp_path: Path) -> None:
     seen = {}
     real_bus, ours_bus = BusDaemon("open"), BusDaemon("open")
-    monitors = {"real": SenderMonitor(real_bus, tmp_path / "real.monitor"),
-                "ours": SenderMonitor(ours_bus, tmp_path / "ours.monitor")}
+    monitors = {who: Monitor(bus, FROM_THE_NAME)
+                for who, bus in (("real", real_bus), ("ours", ours_bus))}
     real = ours = None
     try:
         real = RealMachined(real_bus, state=state)
@@ -137,8 +115,8 @@ def test_state_files_read_back_as_252_reads_them(state: Path, tmp_path: Path) ->
         seen = {"real": machines(real_bus), "ours": machines(ours_bus)}
         # each reloaded machine is announced, from the name clients match on
         for who, monitor in monitors.items():
-            wait_for(lambda m=monitor, w=who: sorted(m.machine_new()) == sorted(seen[w]), 10,
-                     what=f"{who}'s MachineNew from org.freedesktop.machine1")
+            wait_for(lambda m=monitor, w=who: sorted(a[0] for a in m.signals("MachineNew"))
+                     == sorted(seen[w]), 10, what=f"{who}'s MachineNew from org.freedesktop.machine1")
     finally:
         for daemon in (real, ours):
             if daemon is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import subprocess
 from collections.abc import Callable, Iterator
@@ -85,6 +86,18 @@ def leaders_beside_252() -> Iterator[tuple[Path, CgroupLeaders]]:
             yield slice_dir, leaders
         finally:
             leaders.close()
+
+
+_SINCE = re.compile(r"\w{3} \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \w+(; [^\n]*? ago)?")
+
+
+def without_times(text: str) -> str:
+    """machinectl's output with the times of day taken out, which are each daemon's own (it
+    registered its machines at its own time): dates with their "… ago", the Timestamp
+    properties of `show`, and the timestamps of JSON output."""
+    text = re.sub(r'"(Timestamp|TimestampMonotonic|created)" *: *\d+', r'"\1": TIME', text)
+    text = re.sub(r"^(Timestamp|TimestampMonotonic)=.*$", r"\1=TIME", text, flags=re.M)
+    return _SINCE.sub("TIME", text)
 
 
 def map_strings(value: Any, f: Callable[[str], str], drop_keys: tuple[str, ...] = ()) -> Any:
