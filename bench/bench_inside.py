@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_registry as br  # noqa: E402
 
 DEFAULT_DOCS = br.REPO / "docs" / "benchmarks.md"
+LEGACY_SYSTEMD = Path("/sys/fs/cgroup/systemd")
 SECTION = "## Working inside machines: `machinectl list` with running containers"
 APPLETS = ("sh", "sleep", "cat", "ls")
 
@@ -55,6 +56,8 @@ class Container:
         self.root = workdir / self.name
         subprocess.run(["cp", "-al", str(base), str(self.root)], check=True)
         self.cgroup = Path(mount) / "machine.slice" / f"{self.name}.scope"
+        # where nspawn mirrors that cgroup on a hybrid host (the name=systemd hierarchy)
+        self.mirror = LEGACY_SYSTEMD / "machine.slice" / f"{self.name}.scope"
         self.cgroup.mkdir(exist_ok=True)
         script = f'echo $$ > {self.cgroup}/cgroup.procs && exec "$@"'
         self.proc = subprocess.Popen(
@@ -88,7 +91,8 @@ class Container:
             self.proc.wait(10)
         # nspawn removes its propagation directory only when it exits by itself
         shutil.rmtree(f"/run/systemd/nspawn/propagate/{self.name}", ignore_errors=True)
-        for dirpath, _dirs, _files in os.walk(self.cgroup, topdown=False):
+        for dirpath, _dirs, _files in [*os.walk(self.mirror, topdown=False),
+                                       *os.walk(self.cgroup, topdown=False)]:
             for _ in range(50):
                 try:
                     os.rmdir(dirpath)

@@ -74,9 +74,11 @@ async def _choose_backend(
     mount = cgroups.cgroup2_mount()
     if mount is None:
         raise SystemExit("No cgroup2 hierarchy is mounted; the cgroupfs backend needs one.")
+    mirror = cgroups.systemd_v1_mount()
     return CgroupfsBackend(cgroups.Hierarchy(mount), Inotify(asyncio.get_running_loop()),
                            lambda unit: registry_ref[0].unit_changed(unit),
-                           stop_timeout=options.stop_timeout)
+                           stop_timeout=options.stop_timeout,
+                           mirror=cgroups.Hierarchy(mirror) if mirror else None)
 
 
 async def run(options: Options) -> int:

@@ -114,8 +114,13 @@ def slice_path(slice_name: str) -> str:
     return "".join("/" + "-".join(parts[: i + 1]) + ".slice" for i in range(len(parts)))
 
 
+# Where write_note() keeps its data, tried in this order.
+NOTE_ATTRIBUTES = ("trusted.machined.scope", "user.machined.scope")
+
+
 class Hierarchy:
-    """Operations on cgroups of the cgroup2 hierarchy mounted at `mount`."""
+    """Operations on cgroups of the hierarchy mounted at `mount`: the cgroup2 one, or (for
+    removing what nspawn mirrors there) the name=systemd one of a hybrid host."""
 
     def __init__(self, mount: str) -> None:
         self.mount = mount
@@ -198,6 +203,41 @@ class Hierarchy:
                 ok = False
         return ok
 
+    def machine_scopes(self) -> dict[str, str]:
+        """unit -> path of every cgroup named machine-*.scope at the root or in a slice, slices
+        nested as systemd nests them: where the scopes of machines we no longer know are."""
+        found: dict[str, str] = {}
+        pending = [""]
+        while pending:
+            parent = pending.pop()
+            for name in self.children(parent):
+                unit = _cg_unescape(name)
+                if unit.endswith(".slice"):
+                    pending.append(f"{parent}/{name}")
+                elif unit.startswith("machine-") and unit.endswith(".scope"):
+                    found[unit] = f"{parent}/{name}"
+        return found
+
+    def write_note(self, path: str, data: bytes) -> None:
+        """Keep data with the cgroup itself, in an extended attribute of its directory (as
+        systemd keeps a unit's invocation id), so that it goes when the cgroup goes."""
+        error = OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+        for attribute in NOTE_ATTRIBUTES:
+            try:
+                os.setxattr(self.fs(path), attribute, data)
+                return
+            except OSError as e:  # trusted.* needs CAP_SYS_ADMIN, user.* kernel 5.7
+                error = e
+        raise error
+
+    def read_note(self, path: str) -> bytes | None:
+        for attribute in NOTE_ATTRIBUTES:
+            try:
+                return os.getxattr(self.fs(path), attribute)
+            except OSError:
+                continue
+        return None
+
     def remove_empty_parents(self, path: str) -> None:
         """rmdir the slices above path while they are empty (as systemd collects them)."""
         parent = os.path.dirname(path)
@@ -230,6 +270,11 @@ def _named_mounts() -> dict[str, str]:
     if "" in found and cgroup2_mount():
         found[""] = cgroup2_mount() or found[""]
     return found
+
+
+def systemd_v1_mount() -> str | None:
+    """The mount point of the name=systemd v1 hierarchy of a hybrid host, if there is one."""
+    return _named_mounts().get("name=systemd")
 
 
 def procs_files_of(pid: int) -> list[str]:

@@ -59,12 +59,16 @@ class CgroupfsBackend:
         inotify: Inotify,
         unit_changed: Callable[[str], None],
         stop_timeout: float = 90.0,
+        mirror: cgroups.Hierarchy | None = None,
     ) -> None:
         self.hierarchy = hierarchy
         self.inotify = inotify
         self.unit_changed = unit_changed
         self.stop_timeout = stop_timeout
+        # A hybrid host's name=systemd hierarchy, where nspawn mirrors the scope it is in
+        self.mirror = mirror
         self.scopes: dict[str, Scope] = {}
+        self._scopes_found: dict[str, str] | None = None  # machine scopes seen at start-up
 
     # ------------------------------------------------------------- scope bookkeeping
     def _track(self, scope: Scope) -> None:
@@ -98,9 +102,16 @@ class CgroupfsBackend:
             return False
         self._untrack(scope)
         if scope.owned:
-            self.hierarchy.remove(scope.path)
-            self.hierarchy.remove_empty_parents(scope.path)
+            self._remove(scope.path)
         return True
+
+    def _remove(self, path: str) -> None:
+        """Remove an empty scope we made, with the slices it leaves empty, as systemd collects
+        them: in the cgroup2 hierarchy and in its mirror in the name=systemd one."""
+        for hierarchy in (self.hierarchy, self.mirror):
+            if hierarchy is not None and hierarchy.exists(path):
+                hierarchy.remove(path)
+                hierarchy.remove_empty_parents(path)
 
     def _new_scope(self, unit: str, slice_name: str, pids: list[int],
                    registering: bool = False) -> Scope:
@@ -125,10 +136,13 @@ class CgroupfsBackend:
         unit = machine_scope_name(m.name)
         settings = scope_settings(properties)  # refused before anything is made
         scope = self._new_scope(unit, settings.slice, [m.leader])
-        scope.kill_signal = settings.kill_signal
-        scope.kill_mode = settings.kill_mode
-        if settings.stop_timeout is not None:
-            scope.stop_timeout = settings.stop_timeout
+        apply_stop_settings(scope, settings)
+        note = stop_note(settings)
+        if note:  # without PID 1, nobody else keeps them for the daemon's next start
+            try:
+                self.hierarchy.write_note(scope.path, note)
+            except OSError as e:
+                log.debug("Cannot keep the stop settings of %s: %s", unit, e)
         self._track(scope)
         m.unit = unit
         m.own_scope = m.referenced = True
@@ -237,7 +251,10 @@ class CgroupfsBackend:
         if path is None:
             return False  # the leader is not in its unit: the PID was reused
         owned = m.unit == machine_scope_name(m.name) and path.endswith("/" + m.unit)
-        self._track(Scope(unit=m.unit, path=path, owned=owned, stop_timeout=self.stop_timeout))
+        scope = Scope(unit=m.unit, path=path, owned=owned, stop_timeout=self.stop_timeout)
+        if owned:
+            apply_stop_settings(scope, read_stop_note(self.hierarchy.read_note(path)))
+        self._track(scope)
         m.own_scope = m.referenced = owned
         return True
 
@@ -245,25 +262,29 @@ class CgroupfsBackend:
         """After the reload: scopes of ours that no machine claims are registrations the daemon
         was killed in the middle of (after making the scope, before writing the state file).
         Nobody asked for them to be kept; remove each once it is empty."""
-        slice_path = cgroups.slice_path(DEFAULT_SLICE)
-        for unit in self.hierarchy.children(slice_path):
-            if not unit.startswith("machine-") or not unit.endswith(".scope") \
-                    or unit in self.scopes:
+        for unit, path in self._scopes_at_start().items():
+            if unit in self.scopes:
                 continue
-            scope = Scope(unit=unit, path=f"{slice_path}/{unit}", owned=True,
-                          stop_timeout=self.stop_timeout)
+            scope = Scope(unit=unit, path=path, owned=True, stop_timeout=self.stop_timeout)
             if not self._forget_if_empty(scope):
                 log.info("Scope %s belongs to no machine; removing it once it is empty.", unit)
                 self._track(scope)
+        self._scopes_found = None
+
+    def _scopes_at_start(self) -> dict[str, str]:
+        """The machine scopes in any slice (a caller's Slice= puts them anywhere), looked for
+        once at start-up: those of machines that went while the daemon was away."""
+        if self._scopes_found is None:
+            self._scopes_found = self.hierarchy.machine_scopes()
+        return self._scopes_found
 
     def _remove_stale_scope(self, m: Machine) -> None:
         """A machine dropped at start-up: remove its scope if we made it and it is empty."""
         if m.unit != machine_scope_name(m.name):
             return
-        path = cgroups.slice_path(DEFAULT_SLICE) + "/" + m.unit
-        if self.hierarchy.exists(path) and not self.hierarchy.populated(path):
-            self.hierarchy.remove(path)
-            self.hierarchy.remove_empty_parents(path)
+        path = self._scopes_at_start().get(m.unit)
+        if path is not None and not self.hierarchy.populated(path):
+            self._remove(path)
 
     async def close(self) -> None:
         for scope in list(self.scopes.values()):
@@ -280,6 +301,7 @@ class ScopeSettings:
 
 
 KILL_MODES = ("control-group", "process", "mixed", "none")
+DEFAULT_STOP = ScopeSettings()
 # the scope properties this backend applies, with their D-Bus types
 APPLIED_TYPES = {"Slice": "s", "KillSignal": "i", "KillMode": "s", "TimeoutStopUSec": "t"}
 
@@ -310,4 +332,38 @@ def scope_settings(properties: ScopeProperties) -> ScopeSettings:
             settings = replace(settings, kill_mode=value)
         else:
             settings = replace(settings, stop_timeout=value / 1e6)
+    return settings
+
+
+def apply_stop_settings(scope: Scope, settings: ScopeSettings) -> None:
+    scope.kill_signal = settings.kill_signal
+    scope.kill_mode = settings.kill_mode
+    if settings.stop_timeout is not None:
+        scope.stop_timeout = settings.stop_timeout
+
+
+def stop_note(settings: ScopeSettings) -> bytes:
+    """How the scope is to be stopped, in systemd's words, when the caller asked for anything
+    but the defaults (empty otherwise): kept with the cgroup for the daemon's next start."""
+    if replace(settings, slice=DEFAULT_SLICE) == DEFAULT_STOP:
+        return b""
+    lines = [f"KillSignal={settings.kill_signal}", f"KillMode={settings.kill_mode}"]
+    if settings.stop_timeout is not None:
+        lines.append(f"TimeoutStopUSec={round(settings.stop_timeout * 1e6)}")
+    return "".join(line + "\n" for line in lines).encode()
+
+
+def read_stop_note(note: bytes | None) -> ScopeSettings:
+    """The settings of stop_note(); what is missing or not understood keeps its default."""
+    settings = DEFAULT_STOP
+    for line in (note or b"").decode("utf-8", "replace").splitlines():
+        key, _, value = line.partition("=")
+        if not value.isdigit() and key != "KillMode":
+            continue
+        if key == "KillSignal" and 1 <= int(value) < 65:
+            settings = replace(settings, kill_signal=int(value))
+        elif key == "KillMode" and value in KILL_MODES:
+            settings = replace(settings, kill_mode=value)
+        elif key == "TimeoutStopUSec":
+            settings = replace(settings, stop_timeout=int(value) / 1e6)
     return settings

@@ -17,9 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from machined.core.names import bus_label_escape
+from machined.linux.cgroups import systemd_v1_mount
 from tests.helpers.busdaemon import REPO, BusDaemon
 from tests.helpers.client import DEST, MACHINE, MANAGER, MANAGER_PATH
-from tests.helpers.daemon import STATE_DIR, busctl, cgroup2_mount, wait_for
+from tests.helpers.daemon import (
+    STATE_DIR,
+    busctl,
+    cgroup2_mount,
+    remove_empty_cgroups,
+    wait_for,
+)
 from tests.helpers.process import stop_process
 
 SYSTEMD1 = "org.freedesktop.systemd1"
@@ -261,6 +268,13 @@ def scope_dir(name: str) -> Path:
     return Path(cgroup2_mount()) / "machine.slice" / scope_name(name)
 
 
+def mirror_scope_dir(name: str) -> Path | None:
+    """The scope's mirror in the name=systemd hierarchy of a hybrid host, where nspawn puts the
+    container too; None on a host without that hierarchy."""
+    mount = systemd_v1_mount()
+    return Path(mount) / "machine.slice" / scope_name(name) if mount else None
+
+
 def cgroup_pids(path: Path) -> list[int]:
     pids: list[int] = []
     for dirpath, _dirs, _files in os.walk(path):
@@ -284,6 +298,7 @@ def kill_test_cgroups() -> None:
                 os.rmdir(dirpath)
     with contextlib.suppress(OSError):
         slice_dir.rmdir()
+    remove_empty_cgroups(systemd_v1_mount(), f"machine-{PREFIX}*.scope")
 
 
 # ------------------------------------------------------------------------------ state files

@@ -30,6 +30,7 @@ from .support import (
     machinectl_show,
     mcall_data,
     method_calls,
+    mirror_scope_dir,
     scope_dir,
     scope_name,
     unique_name,
@@ -105,6 +106,9 @@ def test_nspawn_container_lifecycle(bus: BusDaemon, machined: Machined, monitor:
     cg = cgroup_of(leader)
     assert cg == f"/machine.slice/{unit}" or cg.startswith(f"/machine.slice/{unit}/"), cg
     assert leader in cgroup_pids(scope)
+    mirror = mirror_scope_dir(name)
+    if mirror is not None:  # a hybrid host: nspawn mirrors its cgroup there
+        assert mirror.is_dir()
     if keep_unit:
         # "my unit" of nspawn --keep-unit: it shares the scope it asked for
         assert ct.proc.pid in cgroup_pids(scope)
@@ -123,6 +127,8 @@ def test_nspawn_container_lifecycle(bus: BusDaemon, machined: Machined, monitor:
     assert time.monotonic() - exited < 2.5
     assert_machine_gone(bus, name, unit)
     assert not (scope.parent / unit).exists()
+    if mirror is not None:  # removed with the scope, as systemd removes it everywhere
+        wait_for(lambda: not mirror.exists(), 2, what=f"{mirror} to be removed")
     # exactly one announcement each way
     assert monitor.signals("MachineNew").count([name, path]) == 1
     assert monitor.signals("MachineRemoved").count([name, path]) == 1

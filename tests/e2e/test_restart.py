@@ -4,12 +4,15 @@ dropped with their files."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import time
+from pathlib import Path
 
 import pytest
 
 from tests.helpers.busdaemon import BusDaemon
-from tests.helpers.daemon import Machined, wait_for
+from tests.helpers.daemon import Machined, cgroup2_mount, wait_for
 
 from .support import (
     Monitor,
@@ -107,3 +110,61 @@ def test_restart_drops_empty_scope_of_dead_machine(bus: BusDaemon, machined: Mac
     machined.start()
     assert_machine_gone(bus, name)
     wait_for(lambda: not scope_dir(name).exists(), 3, what="the empty scope cgroup to go")
+
+
+def test_restart_drops_empty_scope_in_another_slice(bus: BusDaemon, machined: Machined,
+                                                    procs: Processes) -> None:
+    """A scope the caller's Slice= put elsewhere is found and removed too, with its slices."""
+    leader = procs.sleeper()
+    name = unique_name("slice")
+    top = f"{unique_name('e2e')}.slice"
+    nested = top.removesuffix(".slice") + "-sub.slice"
+    create_machine(bus, name, leader.pid, props=["1", "Slice", "s", nested])
+    slice_dir = Path(cgroup2_mount()) / top / nested
+    assert (slice_dir / scope_name(name)).is_dir()
+    machined.kill9()
+    leader.kill()
+    leader.wait(5)
+    machined.start()
+    assert_machine_gone(bus, name)
+    wait_for(lambda: not (Path(cgroup2_mount()) / top).exists(), 3,
+             what="the empty scope and its slices to go")
+
+
+def test_stop_settings_survive_restart(bus: BusDaemon, machined: Machined,
+                                       procs: Processes) -> None:
+    """KillSignal=, KillMode= and TimeoutStopUSec= of CreateMachine still apply to a machine
+    reloaded after a restart: no PID 1 keeps them in cgroupfs mode, the scope's cgroup does."""
+    leader = procs.sleeper()
+    stray = procs.sleeper()  # another process in the scope: KillMode=mixed spares it SIGINT
+    name = unique_name("stop")
+    create_machine(bus, name, leader.pid, props=[
+        "3", "KillSignal", "i", str(int(signal.SIGINT)), "KillMode", "s", "mixed",
+        "TimeoutStopUSec", "t", "500000"])
+    (scope_dir(name) / "cgroup.procs").write_text(str(stray.pid))
+    machined.kill9()
+    machined.start()  # the fixture's daemon stops scopes after 3 s by default
+    wait_for(lambda: name in machine_names(bus), 5, what="the machine to be reloaded")
+    started = time.monotonic()
+    mcall(bus, "TerminateMachine", "s", name)
+    assert leader.wait(5) == -signal.SIGINT
+    assert stray.wait(5) == -signal.SIGKILL
+    assert time.monotonic() - started < 2.5, "SIGKILL came after the daemon's timeout"
+    wait_for(lambda: not scope_dir(name).exists(), 3, what="the scope to go")
+
+
+def test_restart_removes_orphan_scope_in_another_slice(bus: BusDaemon,
+                                                       machined: Machined) -> None:
+    """A scope of ours that no state file names (the daemon was killed between making it and
+    writing the file) is collected in whatever slice it is."""
+    top = Path(cgroup2_mount()) / f"{unique_name('e2e')}.slice"
+    orphan = top / scope_name(unique_name("orphan"))
+    orphan.mkdir(parents=True)
+    try:
+        machined.kill9()
+        machined.start()
+        wait_for(lambda: not top.exists(), 3, what="the orphan scope and its slice to go")
+    finally:
+        for d in (orphan, top):
+            with contextlib.suppress(OSError):
+                d.rmdir()

@@ -119,6 +119,20 @@ def clean_state() -> None:
         for dirpath, _dirs, _files in os.walk(slice_dir, topdown=False):
             with contextlib.suppress(OSError):
                 os.rmdir(dirpath)
+    from machined.linux.cgroups import systemd_v1_mount  # the path is set: see cgroup2_mount
+
+    remove_empty_cgroups(systemd_v1_mount(), "machine-*.scope")
+
+
+def remove_empty_cgroups(mount: str | None, pattern: str) -> None:
+    """rmdir the empty cgroups matching pattern in machine.slice of the hierarchy at mount
+    (the name=systemd one of a hybrid host, where nspawn mirrors its cgroup), subtrees first."""
+    if mount is None:
+        return
+    for scope in (Path(mount) / "machine.slice").glob(pattern):
+        for dirpath, _dirs, _files in os.walk(scope, topdown=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)
 
 
 def require_root() -> None:
