@@ -9,7 +9,12 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdbus.sd_bus_internals import SdBus, SdBusRequestNameError, sd_bus_open_system
+from sdbus.sd_bus_internals import (
+    SdBus,
+    SdBusRequestNameError,
+    SdBusRequestNameExistsError,
+    sd_bus_open_system,
+)
 
 from .bus import client
 from .bus.auth import Authority
@@ -128,9 +133,13 @@ async def run(options: Options) -> int:
     if isinstance(backend, CgroupfsBackend):
         backend.collect_orphans()
     try:
-        await bus.request_name_async(BUS_NAME, 0)
+        await bus.request_name_async(BUS_NAME, 0)  # not queued: sd-bus's flags 0, as 252's
+    except SdBusRequestNameExistsError:
+        # 252 says so too, then lingers with its connection closed; we exit
+        log.error("Failed to acquire %s: Requested service name already owned.", BUS_NAME)
+        return 1
     except SdBusRequestNameError as e:
-        log.error("Failed to acquire %s: %s", BUS_NAME, e)
+        log.error("Failed to acquire %s: %s", BUS_NAME, str(e) or type(e).__name__)
         return 1
     dispatcher.release_signals()
     sd_notify("READY=1\nSTATUS=Processing requests...")  # 252's words

@@ -94,7 +94,7 @@ async def bind_mount(leader: int, source: str, destination: str, read_only: bool
                     _make_mount_point(destination, is_dir)
                 attach(tree, destination)
 
-            result = await ns.run_child(work)
+            result = await ns.run_child(work, (*target.fds, tree))
     finally:
         os.close(tree)
     if result.code != 0:

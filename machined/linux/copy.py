@@ -281,6 +281,6 @@ def fork_copy(leader: int, host_dir: int, host_name: str, container_path: str, t
             copy_entry(cdir, cname, host_dir, host_name, replace, owner)
 
     try:
-        return ns.fork_child(work)
+        return ns.fork_child(work, (*target.fds, host_dir))
     finally:
         target.close()

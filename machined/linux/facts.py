@@ -152,7 +152,7 @@ async def container_root_directory(leader: int) -> int:
             fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             ns.send(sock, b"R", [fd])
 
-        result = await ns.run_child(work)
+        result = await ns.run_child(work, target.fds)
     if result.code != 0 or len(result.fds) != 1:
         result.close_fds()
         raise Failed(CHILD_DIED)

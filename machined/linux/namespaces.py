@@ -13,11 +13,12 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import gc
 import os
 import signal
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ NAMESPACES = {"user": CLONE_NEWUSER, "mnt": CLONE_NEWNS, "pid": CLONE_NEWPID,
 ALL = tuple(NAMESPACES)
 
 _PR_SET_PDEATHSIG = 1
+_PR_GET_PDEATHSIG = 2
 _PR_SET_NAME = 15
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -106,6 +108,11 @@ class Target:
             raise
         return cls(leader, pidfd, flags, bool(flags & CLONE_NEWUSER), root_fd)
 
+    @property
+    def fds(self) -> tuple[int, ...]:
+        """What a child needs to keep open for enter()."""
+        return (self.pidfd, self.root_fd) if self.root_fd >= 0 else (self.pidfd,)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -123,12 +130,21 @@ class Target:
     def enter(self) -> None:
         """Join the namespaces (all at once through the pidfd), become root of the user
         namespace, chroot to the leader's root. Only in a forked child."""
+        death_signal = ctypes.c_int(0)
+        _libc.prctl(_PR_GET_PDEATHSIG, ctypes.addressof(death_signal), 0, 0, 0)
         if self.flags:
             setns(self.pidfd, self.flags)
         if self.enters_user:
             os.setgroups([])
             os.setresgid(0, 0, 0)
             os.setresuid(0, 0, 0)
+        if death_signal.value:
+            # The kernel forgets the parent-death signal when credentials change, as they do
+            # on entering a user namespace: set it again, or a child holding a shell open
+            # outlives a killed daemon (and keeps its bus connection, bus name and all).
+            _libc.prctl(_PR_SET_PDEATHSIG, death_signal.value, 0, 0, 0)
+            if os.getppid() != _parent:  # the daemon died before that
+                os._exit(127)
         if self.root_fd >= 0:
             os.fchdir(self.root_fd)
             os.chroot(".")
@@ -140,8 +156,13 @@ class Target:
 
 
 # ---------------------------------------------------------------------------- children
+_parent = 0  # in a child: the daemon's PID
+
+
 def reset_child(die_with_parent: bool = True) -> None:
     """In a freshly forked child of the daemon: forget the event loop's signal wiring."""
+    global _parent
+    _parent = os.getppid()
     signal.set_wakeup_fd(-1)
     for signo in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE,
                   signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
@@ -168,17 +189,23 @@ def send_errno(sock: socket.socket, err: int) -> None:
         sock.send(b"E" + struct.pack("=i", err))
 
 
-def fork_child(work: Callable[[socket.socket], int | None],
+def fork_child(work: Callable[[socket.socket], int | None], keep: Iterable[int] = (),
                die_with_parent: bool = True) -> tuple[int, socket.socket]:
     """Fork a child that runs work(sock) and exits with its return value (0 if None); an
-    OSError in it is sent as an errno message and gives EXIT_ERRNO. Returns (pid, our end)."""
+    OSError in it is sent as an errno message and gives EXIT_ERRNO. The child has only its
+    stdio, its end of the socket and the fds in keep. Returns (pid, our end)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:  # the child: never returns
         code = 127
         try:
-            ours.close()
+            # Nothing of the daemon's may be finalized here: its fds are closed below and their
+            # numbers used again, so a socket object collected now would close one of ours.
+            gc.disable()
             reset_child(die_with_parent)
+            # Not the daemon's fds: a child that outlives the daemon (its shell's, say) would
+            # keep the bus connection, and the bus name with it, and the userdb socket.
+            _close_fds_except(0, 1, 2, theirs.fileno(), *keep)
             result = work(theirs)
             code = 0 if result is None else result
         except OSError as e:
@@ -193,6 +220,15 @@ def fork_child(work: Callable[[socket.socket], int | None],
             os._exit(code)
     theirs.close()
     return pid, ours
+
+
+def _close_fds_except(*keep: int) -> None:
+    start = 0
+    for fd in sorted(set(k for k in keep if k >= 0)):
+        if start < fd:  # os.closerange(0, 0) would be close_range(0, ~0): every fd
+            os.closerange(start, fd)
+        start = fd + 1
+    os.closerange(start, os.sysconf("SC_OPEN_MAX"))  # close_range(2): one system call
 
 
 @dataclass
@@ -318,7 +354,8 @@ async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
         loop.remove_reader(fd)
 
 
-async def run_child(work: Callable[[socket.socket], int | None]) -> ChildResult:
-    pid, sock = fork_child(work)
+async def run_child(work: Callable[[socket.socket], int | None],
+                    keep: Iterable[int] = ()) -> ChildResult:
+    pid, sock = fork_child(work, keep)
     return await collect(pid, sock)
 

@@ -54,7 +54,7 @@ async def container_pty(leader: int) -> tuple[int, str]:
             fd, number = open_ptmx()
             ns.send(sock, struct.pack("=I", number), [fd])
 
-        result = await ns.run_child(work)
+        result = await ns.run_child(work, target.fds)
     if result.code != 0 or len(result.fds) != 1:
         result.close_fds()
         raise ErrnoError(errno.EIO)
@@ -184,7 +184,7 @@ async def start_program(leader: int | None, program: Program, cgroup_procs: list
         return 0
 
     try:
-        pid, sock = ns.fork_child(work)
+        pid, sock = ns.fork_child(work, target.fds if target is not None else ())
         messages, fds = await ns.receive(pid, sock)
     finally:
         if target is not None:

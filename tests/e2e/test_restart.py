@@ -168,3 +168,19 @@ def test_restart_removes_orphan_scope_in_another_slice(bus: BusDaemon,
         for d in (orphan, top):
             with contextlib.suppress(OSError):
                 d.rmdir()
+
+
+
+
+def test_second_daemon_gives_up_the_name(bus: BusDaemon, machined: Machined,
+                                         procs: Processes) -> None:
+    """A daemon started while another owns org.freedesktop.machine1 says so and exits (252
+    logs the same words, then lingers with its connection closed); the first serves on."""
+    leader = procs.sleeper()
+    name = unique_name("owned")
+    path = create_machine(bus, name, leader.pid)
+    with pytest.raises(RuntimeError, match="Failed to acquire org.freedesktop.machine1: "
+                                           "Requested service name already owned."):
+        Machined(bus, "--stop-timeout=3", "--scope-backend=cgroupfs")
+    assert mcall_data(bus, "GetMachine", "s", name) == [path]
+    assert state_file(name).exists()  # the second one's start-up left the machine alone

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.busdaemon import BusDaemon
-from tests.helpers.daemon import Machined, have
+from tests.helpers.daemon import Machined, busctl, have, wait_for
 
 from ..support import Nspawn, Processes, machine_path, machinectl, mcall, mcall_data
-from .support import Containers, busybox_copy, run_on_terminal
+from .support import Containers, Tmux, busybox_copy, run_on_terminal
 
 ADDR4 = "192.168.252.2"
 ADDR6 = "fd00:252::2"
@@ -37,7 +37,6 @@ def ct(daemon: tuple[BusDaemon, Machined], busybox_tree: Path,
                                           "--private-users-ownership=chown",
                                           "--network-veth"))
         ready = Path(f"/proc/{c.leader}/root/tmp/ready")
-        from tests.helpers.daemon import wait_for
         wait_for(ready.exists, 15, what="the container's network setup")
         yield c
     finally:
@@ -128,3 +127,38 @@ def test_shell_in_user_namespace(bus: BusDaemon, ct: Nspawn, tmp_path: Path) -> 
     assert "ID=1000:1000" in screen, screen
     assert f"0 {shift_of(ct)} 65536" in " ".join(screen.split()), screen
     assert " 0 0 " in " ".join(screen.split()), screen  # root-owned file as root inside
+
+
+def test_daemon_restart_with_a_shell_open(daemon: tuple[BusDaemon, Machined], ct: Nspawn,
+                                          tmp_path: Path) -> None:
+    """The daemon's process that holds a shell open in a container with a user namespace of
+    its own has none of the daemon's sockets, and dies with a killed daemon even though
+    entering the namespace made the kernel forget its parent-death signal: the next daemon
+    gets the bus name at once, and the shell goes on (as it does with 252)."""
+    bus, machined = daemon
+    t = Tmux(bus, f"machinectl shell {ct.name} /bin/sh -c "
+                  "'echo UP; read x; echo GOT-$x; sleep 1'", tmp_path)
+    try:
+        t.wait("UP")
+        helpers = [int(pid) for task in Path(f"/proc/{machined.pid}/task").iterdir()
+                   for pid in (task / "children").read_text().split()]
+        assert helpers, "no process of the daemon holds the shell"
+        for pid in helpers:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+            assert not [link for link in links if link.startswith("socket:")], links
+        machined.kill9()
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in helpers), 5,
+                 what="the shell's helper process to die with the daemon")
+        machined.start()
+
+        def owner() -> str:
+            return busctl(bus, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                          "org.freedesktop.DBus", "GetConnectionUnixProcessID", "s",
+                          "org.freedesktop.machine1", check=False).stdout.strip()
+
+        wait_for(lambda: owner() == f"u {machined.pid}", 5, what="the new daemon to own the name")
+        assert ct.name in machinectl(bus, "list").stdout
+        t.send("hello", "Enter")
+        t.wait("GOT-hello")
+    finally:
+        t.close()
