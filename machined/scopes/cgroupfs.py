@@ -108,10 +108,11 @@ class CgroupfsBackend:
     def _remove(self, path: str) -> None:
         """Remove an empty scope we made, with the slices it leaves empty, as systemd collects
         them: in the cgroup2 hierarchy and in its mirror in the name=systemd one."""
-        for hierarchy in (self.hierarchy, self.mirror):
-            if hierarchy is not None and hierarchy.exists(path):
-                hierarchy.remove(path)
-                hierarchy.remove_empty_parents(path)
+        self.hierarchy.remove(path)
+        self.hierarchy.remove_empty_parents(path)
+        if self.mirror is not None and self.mirror.exists(path):
+            self.mirror.remove(path)
+            self.mirror.remove_empty_parents(path)
 
     def _new_scope(self, unit: str, slice_name: str, pids: list[int],
                    registering: bool = False) -> Scope:
