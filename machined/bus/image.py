@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from ..core.eager import keep_task
 from ..core.errors import ErrnoError, LimitsExceeded, NoSuchImage
 from ..core.images import (
     IMAGE_PATH_PREFIX,
@@ -49,6 +50,7 @@ class ImageHandlers:
         self.operations = 0
         # between ListImages calls, only what the kernel reports as changed is looked at again
         self._scan_cache = imagecache.ScanCache() if dispatcher is not None else None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------- lookups
     def _remember(self, name: str, image: Image | None) -> None:
@@ -94,6 +96,18 @@ class ImageHandlers:
         self._fallback = self.dispatcher.export_fallback(
             IMAGE_PATH_PREFIX, image_interface(self), self.find,
             lambda: [image_object_path(name) for name in self.scan()])
+        keep_task(self._remove_unfinished_clones(), self._tasks)
+
+    async def _remove_unfinished_clones(self) -> None:
+        """In the background: a large unfinished copy must not hold up the start."""
+        try:
+            names = await asyncio.to_thread(imagefs.remove_unfinished_clones, self.search)
+        except OSError as e:
+            if e.errno != errno.ECANCELED:  # the daemon is stopping: the next start goes on
+                log.warning("Failed to remove unfinished clones in %s: %s", self.search.pool, e)
+            return
+        for name in names:
+            log.debug("Removed %s, left by a clone that did not finish.", name)
 
     def stop(self) -> None:
         """The daemon is stopping: clones in progress are cut short, none starts."""

@@ -27,7 +27,7 @@ from ..core.images import (
     to_clean,
 )
 from ..core.names import image_name_is_valid
-from . import btrfs, dissect
+from . import btrfs, dissect, rmtree
 from . import fs as lfs
 from .imagecache import ScanCache
 from .imagelock import name_lock, path_lock
@@ -390,6 +390,10 @@ def _discard(tmp: str) -> None:
         os.unlink(tmp)
 
 
+# A clone is copied under this hidden name in the pool, then renamed.
+UNFINISHED_CLONE = ".#machined-clone-"
+
+
 def clone(search: SearchPath, image: Image, new_name: str, read_only: bool) -> None:
     """Copy into the main pool under a hidden temporary name, then rename: a failed clone
     leaves nothing visible behind."""
@@ -401,7 +405,7 @@ def clone(search: SearchPath, image: Image, new_name: str, read_only: bool) -> N
         os.makedirs(search.pool, 0o700, exist_ok=True)
         suffix = ".raw" if image.type is ImageType.RAW else ""
         final = f"{search.pool}/{new_name}{suffix}"
-        tmp = tempfile.mktemp(prefix=f".#{new_name}", dir=search.pool)
+        tmp = tempfile.mktemp(prefix=f"{UNFINISHED_CLONE}{new_name}.", dir=search.pool)
         try:
             if image.type is ImageType.RAW:
                 _clone_raw(image, tmp, read_only)
@@ -490,6 +494,20 @@ def set_pool_limit(search: SearchPath, size: int) -> None:
 
 
 def stop_operations() -> None:
-    """At shutdown: the copies of clones in progress are killed (their threads then remove
-    what was copied and end), and no new one starts."""
+    """At shutdown: the copies of clones in progress are killed and removals stopped where
+    they are, so that their threads end at once; no new one starts. A clone's unfinished copy
+    is left to the next start (remove_unfinished_clones)."""
     WORKER_CHILDREN.kill_all()
+    rmtree.stop()
+
+
+def remove_unfinished_clones(search: SearchPath) -> list[str]:
+    """The hidden copies that clones of a daemon killed or stopped meanwhile left in the pool:
+    removed (their names returned). Nothing else is named so, and no clone runs yet."""
+    try:
+        names = [n for n in os.listdir(search.pool) if n.startswith(UNFINISHED_CLONE)]
+    except FileNotFoundError:
+        return []
+    for name in names:
+        _discard(f"{search.pool}/{name}")
+    return names

@@ -1,19 +1,34 @@
 """Deleting a directory tree as 252's rm_rf does: it goes on past failures and reports the
 first, it destroys the btrfs subvolumes it meets (read-only ones too), it never crosses into
 another file system. Everything is fd-relative with one directory open at a time, going back
-up through "..", so neither the depth of a tree nor the fd limit stops it."""
+up through "..", so neither the depth of a tree nor the fd limit stops it; stop() does, at
+the next entry (the daemon is going: 252's removal child dies with it too)."""
 
 from __future__ import annotations
 
 import errno
 import os
 import stat
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import btrfs
 from . import fs as lfs
+
+_stopping = threading.Event()
+
+
+def stop() -> None:
+    """Removals in progress end at their next entry with ECANCELED, and new ones at once."""
+    _stopping.set()
+
+
+def _check_stop() -> None:
+    if _stopping.is_set():
+        raise _err(errno.ECANCELED)
+
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -62,11 +77,14 @@ class _Removal:
         try:
             with os.scandir(fd) as entries:
                 for entry in entries:
+                    _check_stop()
                     if entry.is_dir(follow_symlinks=False):
                         level.todo.append(entry.name)
                     elif level.files:
                         self.attempt(os.unlink, entry.name, dir_fd=fd)
         except OSError as e:
+            if e.errno == errno.ECANCELED and _stopping.is_set():
+                raise
             self.note(e)
 
     def enter(self, fd: int, level: _Level, name: str,
@@ -142,6 +160,7 @@ def remove_tree(path: str) -> None:
     try:
         stack = [_Level("", _ident(fd), [name])]
         while True:
+            _check_stop()
             level = stack[-1]
             if level.todo:
                 entered = removal.enter(fd, level, level.todo.pop(), top=len(stack) == 1)
