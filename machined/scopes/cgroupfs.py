@@ -188,17 +188,28 @@ class CgroupfsBackend:
     async def stop(self, m: Machine) -> str:
         scope = self.scopes.get(m.unit)
         if scope is not None and scope.stopping is None:
-            scope.stopping = asyncio.get_running_loop().create_task(self._stop(scope, m.leader))
+            deadline = time.monotonic() + scope.stop_timeout
+            if scope.owned:  # a restart in between must not forget the SIGKILL: PID 1 would not
+                try:
+                    self.hierarchy.write_note(scope.path, stop_note(settings_of(scope), deadline))
+                except OSError as e:
+                    log.debug("Cannot keep the stop of %s: %s", scope.unit, e)
+            self._kill_at(scope, deadline, m.leader)
         return ""
 
-    async def _stop(self, scope: Scope, leader: int) -> None:
+    def _kill_at(self, scope: Scope, deadline: float, leader: int | None = None) -> None:
+        scope.stopping = asyncio.get_running_loop().create_task(
+            self._stop(scope, deadline, leader))
+
+    async def _stop(self, scope: Scope, deadline: float, leader: int | None) -> None:
+        """KillSignal= first (unless a stop resumed after a restart: sent already), then
+        SIGKILL for what is left at the deadline (CLOCK_MONOTONIC)."""
         try:
-            if scope.kill_mode == "mixed":
+            if leader is not None and scope.kill_mode == "mixed":
                 with contextlib.suppress(OSError):
                     os.kill(leader, scope.kill_signal)
-            else:
+            elif leader is not None:
                 self.hierarchy.kill(scope.path, scope.kill_signal)
-            deadline = time.monotonic() + scope.stop_timeout
             while time.monotonic() < deadline:
                 if not self.hierarchy.populated(scope.path):
                     return
@@ -253,11 +264,21 @@ class CgroupfsBackend:
             return False  # the leader is not in its unit: the PID was reused
         owned = m.unit == machine_scope_name(m.name) and path.endswith("/" + m.unit)
         scope = Scope(unit=m.unit, path=path, owned=owned, stop_timeout=self.stop_timeout)
-        if owned:
-            apply_stop_settings(scope, read_stop_note(self.hierarchy.read_note(path)))
         self._track(scope)
+        if owned:
+            note = self.hierarchy.read_note(path)
+            apply_stop_settings(scope, read_stop_note(note))
+            self._resume_stop(scope, note)
         m.own_scope = m.referenced = owned
         return True
+
+    def _resume_stop(self, scope: Scope, note: bytes | None) -> None:
+        """A stop the daemon was killed or stopped in the middle of goes on to its SIGKILL."""
+        deadline = read_stop_deadline(note)
+        if deadline is not None:
+            log.debug("Scope %s is being stopped, until %.1f s from now.", scope.unit,
+                      deadline - time.monotonic())
+            self._kill_at(scope, deadline)
 
     def collect_orphans(self) -> None:
         """After the reload: scopes of ours that no machine claims are registrations the daemon
@@ -270,6 +291,7 @@ class CgroupfsBackend:
             if not self._forget_if_empty(scope):
                 log.info("Scope %s belongs to no machine; removing it once it is empty.", unit)
                 self._track(scope)
+                self._resume_stop(scope, self.hierarchy.read_note(path))
         self._scopes_found = None
 
     def _scopes_at_start(self) -> dict[str, str]:
@@ -343,15 +365,32 @@ def apply_stop_settings(scope: Scope, settings: ScopeSettings) -> None:
         scope.stop_timeout = settings.stop_timeout
 
 
-def stop_note(settings: ScopeSettings) -> bytes:
+def settings_of(scope: Scope) -> ScopeSettings:
+    return ScopeSettings(kill_signal=scope.kill_signal, kill_mode=scope.kill_mode,
+                         stop_timeout=scope.stop_timeout)
+
+
+def stop_note(settings: ScopeSettings, stopping_until: float | None = None) -> bytes:
     """How the scope is to be stopped, in systemd's words, when the caller asked for anything
-    but the defaults (empty otherwise): kept with the cgroup for the daemon's next start."""
-    if replace(settings, slice=DEFAULT_SLICE) == DEFAULT_STOP:
+    but the defaults (empty otherwise), and when a stop under way gives up waiting (its
+    CLOCK_MONOTONIC deadline, which a restart does not change): kept with the cgroup for the
+    daemon's next start."""
+    if replace(settings, slice=DEFAULT_SLICE) == DEFAULT_STOP and stopping_until is None:
         return b""
     lines = [f"KillSignal={settings.kill_signal}", f"KillMode={settings.kill_mode}"]
     if settings.stop_timeout is not None:
         lines.append(f"TimeoutStopUSec={round(settings.stop_timeout * 1e6)}")
+    if stopping_until is not None:
+        lines.append(f"StopDeadlineUSec={round(stopping_until * 1e6)}")
     return "".join(line + "\n" for line in lines).encode()
+
+
+def read_stop_deadline(note: bytes | None) -> float | None:
+    for line in (note or b"").decode("utf-8", "replace").splitlines():
+        key, _, value = line.partition("=")
+        if key == "StopDeadlineUSec" and value.isdigit():
+            return int(value) / 1e6
+    return None
 
 
 def read_stop_note(note: bytes | None) -> ScopeSettings:

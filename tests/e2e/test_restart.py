@@ -184,3 +184,31 @@ def test_second_daemon_gives_up_the_name(bus: BusDaemon, machined: Machined,
         Machined(bus, "--stop-timeout=3", "--scope-backend=cgroupfs")
     assert mcall_data(bus, "GetMachine", "s", name) == [path]
     assert state_file(name).exists()  # the second one's start-up left the machine alone
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+def test_stop_in_progress_survives_restart(bus: BusDaemon, machined: Machined,
+                                           procs: Processes, how: str) -> None:
+    """A terminate whose SIGTERM is ignored still ends in SIGKILL at its deadline when the
+    daemon is restarted meanwhile: in cgroupfs mode the daemon plays PID 1's part, and PID 1's
+    stop job would not be forgotten."""
+    leader = procs.spawn(["sh", "-c", "trap '' TERM; exec sleep 1000"])
+    name = unique_name("stopping")
+    create_machine(bus, name, leader.pid)
+    wait_for(lambda: _ignores_sigterm(leader.pid), 5, what="the leader to ignore SIGTERM")
+    mcall(bus, "TerminateMachine", "s", name)
+    if how == "sigkill":
+        machined.kill9()
+    else:
+        machined.stop()
+    assert leader.poll() is None
+    machined.start()  # the fixture's daemon gives a stop 3 s before SIGKILL
+    assert leader.wait(10) == -signal.SIGKILL
+    wait_for(lambda: name not in machine_names(bus), 5, what="the machine to go")
+    wait_for(lambda: not scope_dir(name).exists(), 5, what="its scope to go")
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    ignored = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(int(ignored, 16) & (1 << (signal.SIGTERM - 1)))

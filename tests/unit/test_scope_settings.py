@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import signal
 
-from machined.scopes.cgroupfs import DEFAULT_STOP, read_stop_note, scope_settings, stop_note
+from machined.scopes.cgroupfs import (
+    DEFAULT_STOP,
+    read_stop_deadline,
+    read_stop_note,
+    scope_settings,
+    stop_note,
+)
 
 
 def test_defaults_keep_nothing() -> None:
@@ -28,3 +34,13 @@ def test_bad_notes_keep_the_defaults() -> None:
     assert read_stop_note(b"\xff\xfe garbage\nKillSignal=99\nKillMode=bogus\n"
                           b"TimeoutStopUSec=-1\nKillSignal=\n") == DEFAULT_STOP
     assert read_stop_note(b"KillSignal=9").kill_signal == 9
+
+
+def test_a_stop_under_way_keeps_its_deadline() -> None:
+    note = stop_note(DEFAULT_STOP, stopping_until=12.5)
+    assert note.endswith(b"StopDeadlineUSec=12500000\n")
+    assert read_stop_deadline(note) == 12.5
+    assert read_stop_note(note) == DEFAULT_STOP
+    assert read_stop_deadline(stop_note(scope_settings([("KillMode", ("s", "mixed"))]))) is None
+    assert read_stop_deadline(None) is None
+    assert read_stop_deadline(b"StopDeadlineUSec=soon\n") is None
