@@ -46,9 +46,30 @@ def userdb_methods(db: UserDatabase) -> dict[str, Method]:
     }
 
 
+class _Duplicates(dict[str, Any]):
+    """An object in which a key came twice: 252's parser keeps them all, and its dispatch
+    refuses the parameters then (ENOTUNIQ); an envelope so is no call."""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    made = dict(pairs)
+    return made if len(made) == len(pairs) else _Duplicates(made)
+
+
 # Made once: json.dumps()/loads() build them anew for every call with non-default settings.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-_DECODER = json.JSONDecoder()
+_DECODER = json.JSONDecoder(object_pairs_hook=_object)
+
+
+def _valid_strings(value: Any) -> bool:
+    """No NUL and no lone surrogate in any string or key: 252's parser refuses both."""
+    if type(value) is str:
+        return "\0" not in value and not any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, dict):
+        return all(_valid_strings(k) and _valid_strings(v) for k, v in value.items())
+    if type(value) is list:
+        return all(_valid_strings(v) for v in value)
+    return True
 
 
 def _encode(message: dict[str, Any]) -> bytes:
@@ -61,11 +82,13 @@ def _parse_call(data: bytes) -> dict[str, Any] | None:
         call = _DECODER.decode(data.decode())  # UTF-8 only, as 252
     except (ValueError, RecursionError):
         return None
+    if b"\\u" in data and not _valid_strings(call):  # only escapes can make such strings
+        return None
     if type(call) is not dict or not call.keys() <= _ENVELOPE_KEYS \
             or type(call.get("method")) is not str:
         return None
     parameters = call.get("parameters")
-    if parameters is not None and type(parameters) is not dict:
+    if parameters is not None and not isinstance(parameters, dict):
         return None
     for flag in ("more", "oneway"):
         if flag in call and type(call[flag]) is not bool:
@@ -83,6 +106,8 @@ def answer(methods: dict[str, Method], data: bytes) -> bytes | None:
     if method is None:
         error = METHOD_NOT_IMPLEMENTED if name == GET_INFO else METHOD_NOT_FOUND
         return _encode({"error": error, "parameters": {"method": name}})
+    if type(call.get("parameters")) is _Duplicates:
+        return _encode({"error": SYSTEM_ERROR, "parameters": {"errno": errno.ENOTUNIQ}})
     try:
         return _encode({"parameters": method(call.get("parameters"))})
     except VarlinkError as e:

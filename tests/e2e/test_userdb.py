@@ -119,6 +119,18 @@ CONVERSATIONS: list[list[Any]] = [
     [b"[1,2]"],
     [b'{"parameters":{}}'],
     [b""],
+    # what 252's parser refuses though Python's json would take it (a booted sweep found them)
+    [b'{"method":"' + U.encode() + b'GetUserRecord","parameters":{"userName":"vu-e2eudb-1",'
+     b'"userName":"vu-e2eudb-2","service":"' + SVC.encode() + b'"}}'],
+    [b'{"method":"' + U.encode() + b'Nope","parameters":{"uid":1,"uid":2}}'],
+    [b'{"method":"' + U.encode() + b'GetUserRecord","method":"' + U.encode()
+     + b'GetGroupRecord","parameters":{}}'],
+    [b'{"method":"' + U.encode() + b'GetUserRecord","parameters":{"userName":"vu-\\u0000x",'
+     b'"service":"' + SVC.encode() + b'"}}'],
+    [b'{"method":"' + U.encode() + b'GetUserRecord","parameters":{"userName":"vu-\\ud800",'
+     b'"service":"' + SVC.encode() + b'"}}'],
+    [b'{"method":"' + U.encode() + b'GetUserRecord","parameters":{"userName":"vu-\\ud83d'
+     b'\\ude00","service":"' + SVC.encode() + b'"}}'],
 ]
 
 
