@@ -109,7 +109,8 @@ async def run(options: Options) -> int:
     registry = Registry(backend, watcher, statedir, Listeners(objects, NscdFlusher()),
                         host_machine_id())
     registry_ref.append(registry)
-    handlers = MachineHandlers(registry, authority)
+    handlers = MachineHandlers(registry, authority,
+                               backend if isinstance(backend, Systemd1Backend) else None)
     objects.serve(registry, handlers)
     images = ImageHandlers(SearchPath(options.image_root), authority, dispatcher)
     images.serve()

@@ -25,6 +25,7 @@ from ..core.errors import (
 )
 from ..core.machine import Machine, MachineClass
 from ..core.operations import Operations
+from ..core.ports import HostServices
 from ..core.registry import Registry
 from ..core.uidmap import check_id, map_from, map_to, parse_map, shift_of, uid_is_valid
 from ..core.validate import bind_args, copy_args, shell_args, split_path
@@ -37,16 +38,24 @@ from .objects import Call
 LOGIN_PROGRAMS = ("/bin/login", "/usr/bin/login", "/sbin/login", "/usr/sbin/login")
 
 
+def _pty_number(pty: str) -> str:
+    return pty.removeprefix("/dev/pts/")
+
+
 def _kill(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
 
 
 class InsideHandlers:
-    def __init__(self, registry: Registry, authority: Authority) -> None:
+    def __init__(self, registry: Registry, authority: Authority,
+                 host_services: HostServices | None = None) -> None:
         self.registry = registry
         self.authority = authority
         self.operations = Operations(_kill)
+        # With a service manager, `.host` programs are its services, as in 252; without one
+        # (no systemd as PID 1), the daemon starts them itself.
+        self.host_services = host_services
 
     # ---------------------------------------------------------------- helpers
     def _machine(self, name: str) -> Machine:
@@ -160,6 +169,14 @@ class InsideHandlers:
         action = "host-login" if self._is_host(m) else "login"
         m = await self._authorize(call, m, PREFIX + action,
                                   {"machine": m.name, "verb": "login"})
+        if self._is_host(m) and self.host_services is not None:
+            master, pty = terminal.host_pty()
+            try:
+                await self.host_services.start_unit(f"container-getty@{_pty_number(pty)}.service")
+            except BaseException:
+                os.close(master)
+                raise
+            return master, pty
         program = terminal.Program("root", LOGIN_PROGRAMS[0], ["login"], [],
                                    LOGIN_PROGRAMS[1:])
         return await self._start(m, program)
@@ -178,12 +195,54 @@ class InsideHandlers:
         return await self._start(m, terminal.Program(user, path, argv, environment))
 
     async def _start(self, m: Machine, program: terminal.Program) -> tuple[int, str]:
+        if self._is_host(m) and self.host_services is not None:
+            return await self._start_host_service(self.host_services, program)
         if self._is_host(m):
             return await terminal.start_program(None, program, [], m.name)
         if not self._is_container(m):
             raise ErrnoError(errno.EOPNOTSUPP)
         return await terminal.start_program(m.leader, program, _cgroup_procs(m.leader),
                                             m.name)
+
+    @staticmethod
+    async def _start_host_service(services: HostServices,
+                                  program: terminal.Program) -> tuple[int, str]:
+        """252's container-shell@N.service on the host's PTY N, with its properties in its
+        order: the program gets the host's own context (no sandbox of ours, a PAM session,
+        utmp), and outlives the daemon."""
+        terminal.check_host_program(program)
+        master, pty = terminal.host_pty()
+        try:
+            slave = os.open(pty, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+            try:
+                properties: list[tuple[str, tuple[str, Any]]] = [
+                    ("Description", ("s", f"Shell for User {program.user}")),
+                    ("StandardInputFileDescriptor", ("h", slave)),
+                    ("StandardOutputFileDescriptor", ("h", slave)),
+                    ("StandardErrorFileDescriptor", ("h", slave)),
+                    ("SendSIGHUP", ("b", True)),
+                    ("IgnoreSIGPIPE", ("b", False)),
+                    ("KillMode", ("s", "mixed")),
+                    ("TTYPath", ("s", pty)),
+                    ("TTYReset", ("b", True)),
+                    ("UtmpIdentifier", ("s", pty.removeprefix("/dev/"))),
+                    ("UtmpMode", ("s", "user")),
+                    ("PAMName", ("s", "login")),
+                    ("WorkingDirectory", ("s", "-~")),
+                    ("User", ("s", program.user)),
+                ]
+                if program.environment:
+                    properties.append(("Environment", ("as", program.environment)))
+                properties.append(("ExecStart", ("a(sasb)", [(program.path, program.argv,
+                                                              True)])))
+                await services.start_transient_service(
+                    f"container-shell@{_pty_number(pty)}.service", properties)
+            finally:
+                os.close(slave)
+        except BaseException:
+            os.close(master)
+            raise
+        return master, pty
 
     # ---------------------------------------------------------------- bind mounts
     async def bind_mount(self, call: Call, m: Machine, source: str, destination: str,

@@ -9,6 +9,7 @@ from typing import Any
 from ..core.errors import NoSuchMachine
 from ..core.machine import MACHINE_PATH_PREFIX, Machine
 from ..core.names import bus_label_unescape
+from ..core.ports import HostServices
 from ..core.registry import Registry
 from ..core.validate import kill_args
 from .auth import MANAGE_MACHINES, Authority
@@ -25,10 +26,11 @@ MACHINE_IFACE = "org.freedesktop.machine1.Machine"
 class MachineHandlers:
     """What a call on a machine does, whether it came to the Machine object or to the Manager."""
 
-    def __init__(self, registry: Registry, authority: Authority) -> None:
+    def __init__(self, registry: Registry, authority: Authority,
+                 host_services: HostServices | None = None) -> None:
         self.registry = registry
         self.authority = authority
-        self.inside = InsideHandlers(registry, authority)
+        self.inside = InsideHandlers(registry, authority, host_services)
 
     def _still_there(self, m: Machine) -> Machine:
         """After an await (polkit), the machine may have gone."""

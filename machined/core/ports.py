@@ -54,6 +54,16 @@ class ScopeBackend(Protocol):
         ...
 
 
+class HostServices(Protocol):
+    """The host's service manager (org.freedesktop.systemd1), which starts the programs of
+    `.host` shells and logins as 252 has it start them: outside the daemon's own sandbox, with
+    a PAM session and a utmp entry."""
+
+    async def start_transient_service(self, unit: str, properties: ScopeProperties) -> None: ...
+
+    async def start_unit(self, unit: str) -> None: ...
+
+
 class ProcessWatcher(Protocol):
     """Tells when a process exits (pidfd-based on Linux)."""
 

@@ -122,6 +122,14 @@ def _environment(user: User, extra: list[str]) -> dict[str, str]:
     return env
 
 
+def check_host_program(program: Program) -> None:
+    """On the host, what the shell child would refuse up front (see start_program)."""
+    if lookup_user(program.user) is None:
+        raise Failed(f"User '{program.user}' does not exist in machine '.host'.")
+    if not any(os.path.exists(p) for p in (program.path, *program.alternatives)):
+        raise ErrnoError(errno.ENOENT, f"There is no {program.path} in machine .host.")
+
+
 async def start_program(leader: int | None, program: Program, cgroup_procs: list[str],
                         machine: str) -> tuple[int, str]:
     """Allocate a PTY inside the machine (leader None: the host) and run program on it as a

@@ -111,6 +111,14 @@ class Systemd1Backend:
         m.own_scope = m.referenced = True
         return str(job)
 
+    # ------------------------------------------------------------- HostServices
+    async def start_transient_service(self, unit: str, properties: ScopeProperties) -> None:
+        await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))", unit, "fail",
+                            properties, [])
+
+    async def start_unit(self, unit: str) -> None:
+        await self._manager("StartUnit", "ss", unit, "replace")  # the job is not awaited
+
     async def unit_for_registration(self, m: Machine, sender_pid: int) -> None:
         m.unit, _ = common.leader_unit(m.leader)
 

@@ -235,6 +235,31 @@ def test_shell(vm: InstalledVM) -> None:
     assert "hello" in out.stdout
 
 
+def test_host_shell_is_a_service_of_pid1(vm: InstalledVM) -> None:
+    """A `.host` shell is started by systemd as 252 starts it (container-shell@N.service, PAM
+    session): with the host's own context, not the daemon's sandbox (NoNewPrivileges, bounding
+    set, seccomp) nor its cgroup, which a restart of the daemon would kill."""
+    out = done(vm.machinectl("shell", ".host", "/bin/sh", "-c",
+                             "grep -E '^(NoNewPrivs|CapBnd)' /proc/self/status; "
+                             "cat /proc/self/cgroup; echo HOME=$HOME", check=False))
+    status = vm.run("grep", "-E", "^CapBnd", "/proc/1/status").stdout.split()[1]
+    assert "NoNewPrivs:\t0" in out.stdout, out.stdout
+    assert f"CapBnd:\t{status}" in out.stdout, out.stdout
+    assert "systemd-machined.service" not in out.stdout, out.stdout
+    assert "HOME=/root" in out.stdout, out.stdout
+    missing = vm.machinectl("shell", "nobody2@.host", "/bin/true", check=False)
+    assert "User 'nobody2' does not exist in machine '.host'." in missing.stderr
+
+
+def test_host_login_is_a_getty(vm: InstalledVM) -> None:
+    """A `.host` login is systemd's container-getty@N.service, as in 252: agetty shows
+    /etc/issue before its prompt (the login program alone would not)."""
+    out = vm.run("sh", "-c", "sleep 4 | timeout 5 machinectl login .host", check=False)
+    assert "Connected to the local host" in out.stdout + out.stderr, out.stdout + out.stderr
+    assert "login:" in out.stdout, out.stdout
+    assert "Debian GNU/Linux 12" in out.stdout, out.stdout
+
+
 def test_login(vm: InstalledVM) -> None:
     # no getty in a busybox tree: getting the PTY is what counts
     out = vm.run("timeout", "5", "machinectl", "login", "tinyb", check=False, input="")
