@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import signal
+import sys
 from typing import Any
 
 from ..core.envfile import parse_env_bytes
@@ -29,7 +31,7 @@ from ..core.ports import HostServices
 from ..core.registry import Registry
 from ..core.uidmap import check_id, map_from, map_to, parse_map, shift_of, uid_is_valid
 from ..core.validate import bind_args, copy_args, shell_args, split_path
-from ..linux import cgroups, copy, facts, terminal
+from ..linux import cgroups, copy, facts, process, terminal
 from ..linux import namespaces as ns
 from ..linux.bindmount import bind_mount
 from .auth import MANAGE_MACHINES, PREFIX, Authority
@@ -201,8 +203,48 @@ class InsideHandlers:
             return await terminal.start_program(None, program, [], m.name)
         if not self._is_container(m):
             raise ErrnoError(errno.EOPNOTSUPP)
+        if self.host_services is not None:
+            return await self._start_container_service(self.host_services, m, program)
         return await terminal.start_program(m.leader, program, _cgroup_procs(m.leader),
                                             m.name)
+
+    @staticmethod
+    async def _start_container_service(services: HostServices, m: Machine,
+                                       program: terminal.Program) -> tuple[int, str]:
+        """The program as a transient service of the host's PID 1 on the container's PTY
+        (machined/enter.py enters the container), so that it gets the host's context rather
+        than the daemon's sandbox, as 252's shells get the container's systemd's."""
+        started = process.start_ticks(m.leader)
+        if started is None:
+            raise Failed(CHILD_DIED)
+        master, slave, pty = await terminal.open_terminal_in(m.leader, program, m.name)
+        spec = json.dumps({
+            "leader": m.leader, "started": started, "cgroup_procs": _cgroup_procs(m.leader),
+            "user": program.user, "path": program.path, "argv": program.argv,
+            "environment": program.environment, "alternatives": list(program.alternatives)})
+        try:
+            try:
+                await services.start_transient_service(
+                    f"container-shell@{m.name}-{_pty_number(pty)}.service", [
+                        ("Description", ("s", f"Shell for User {program.user} in {m.name}")),
+                        ("StandardInputFileDescriptor", ("h", slave)),
+                        ("StandardOutputFileDescriptor", ("h", slave)),
+                        ("StandardErrorFileDescriptor", ("h", slave)),
+                        ("SendSIGHUP", ("b", True)),
+                        ("IgnoreSIGPIPE", ("b", False)),
+                        ("KillMode", ("s", "mixed")),
+                        ("CollectMode", ("s", "inactive-or-failed")),
+                        # "$$": systemd would expand variables in the arguments
+                        ("ExecStart", ("a(sasb)", [(sys.executable, [
+                            sys.executable, "-m", "machined.enter",
+                            spec.replace("$", "$$")], False)])),
+                    ])
+            finally:
+                os.close(slave)
+        except BaseException:
+            os.close(master)
+            raise
+        return master, pty
 
     @staticmethod
     async def _start_host_service(services: HostServices,

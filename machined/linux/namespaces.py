@@ -171,6 +171,29 @@ def reset_child(die_with_parent: bool = True) -> None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+_PR_CAPBSET_DROP = 24
+
+
+def capability_bounding_set(pid: int) -> int:
+    """The CapBnd mask of pid."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("CapBnd:"):
+                return int(line.split()[1], 16)
+    raise ErrnoError(errno.ESRCH)
+
+
+def limit_bounding_set(mask: int) -> None:
+    """Drop from our capability bounding set what mask lacks (what a container's own processes
+    may never have, its leader's set, is then never ours or our children's)."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        if not mask & (1 << cap) and _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+
 def set_name(name: str) -> None:
     """The child's comm, as 252 names its workers ("(sd-copy)")."""
     buf = ctypes.create_string_buffer(name.encode()[:15])

@@ -77,6 +77,16 @@ def started_after(pid: int, monotonic_usec: int) -> bool:
     return ticks * _TICK_USEC > monotonic_usec + lead + _TICK_USEC
 
 
+def start_ticks(pid: int) -> int | None:
+    """When pid started (clock ticks since boot, field 22 of /proc/PID/stat); None if it is
+    gone. With the PID, it names one process for good."""
+    fields = _stat_after_command(pid)
+    try:
+        return None if fields is None else int(fields.split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
 def parent_pid(pid: int) -> int:
     """The parent of pid, or 0 if pid is gone."""
     fields = _stat_after_command(pid)

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import signal
 import socket
 import struct
 import termios
@@ -130,6 +131,90 @@ def check_host_program(program: Program) -> None:
         raise ErrnoError(errno.ENOENT, f"There is no {program.path} in machine .host.")
 
 
+def _fork_program(tty: int, user: User, path: str, program: Program) -> int:
+    """Fork the program, as session leader with tty as its controlling terminal and stdio."""
+    pid = os.fork()
+    if pid != 0:
+        return pid
+    try:
+        os.setsid()
+        fcntl.ioctl(tty, termios.TIOCSCTTY, 0)
+        for fd in (0, 1, 2):
+            os.dup2(tty, fd)
+        os.closerange(3, 65536)
+        os.setgroups(list(user.groups))
+        os.setresgid(user.gid, user.gid, user.gid)
+        os.setresuid(user.uid, user.uid, user.uid)
+        try:
+            os.chdir(user.home)
+        except OSError:
+            os.chdir("/")
+        os.execve(path, program.argv, _environment(user, program.environment))
+    except OSError as e:
+        os.write(2, f"Failed to execute {path}: {e.strerror}\r\n".encode())
+    finally:
+        os._exit(127)
+
+
+def _program_path(program: Program) -> str | None:
+    return next((p for p in (program.path, *program.alternatives) if os.path.exists(p)), None)
+
+
+async def open_terminal_in(leader: int, program: Program, machine: str) -> tuple[int, int, str]:
+    """A PTY inside the container (master, slave, path inside), once it is known that the
+    user and the program are there: for a program that the host's service manager starts on
+    the slave (see run_in_container)."""
+    with ns.Target.open(leader, _TERMINAL, root=True) as target:
+        def work(sock: socket.socket) -> int:
+            target.enter()
+            if lookup_user(program.user) is None:
+                return NO_USER
+            if _program_path(program) is None:
+                return NO_PROGRAM
+            master, number = open_ptmx()
+            slave = os.open(pty_path(number), os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+            ns.send(sock, struct.pack("=I", number), [master, slave])
+            return 0
+
+        pid, sock = ns.fork_child(work, target.fds)
+        result = await ns.collect(pid, sock)
+    if result.code == 0 and len(result.fds) == 2 and len(result.messages) == 1 \
+            and len(result.messages[0]) == 4:
+        (number,) = struct.unpack("=I", result.messages[0])
+        return result.fds[0], result.fds[1], pty_path(number)
+    result.close_fds()
+    if result.code == NO_USER:
+        raise Failed(f"User '{program.user}' does not exist in machine '{machine}'.")
+    if result.code == NO_PROGRAM:
+        raise ErrnoError(errno.ENOENT, f"There is no {program.path} in machine {machine}.")
+    raise ErrnoError(result.errno or errno.EIO)
+
+
+def run_in_container(leader: int, program: Program, cgroup_procs: list[str]) -> int:
+    """In a process the host's service manager started with the container's PTY as its stdio
+    (machined/enter.py): join the machine's cgroups, enter all its namespaces and its root, run
+    the program on the PTY and wait for it; its exit code."""
+    # systemd made the PTY our controlling terminal: let it go, for the program's session
+    # (which the kernel signals with SIGHUP, ours to ignore)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(0, termios.TIOCNOTTY)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    target = ns.Target.open(leader, ns.ALL, root=True)
+    bounding = ns.capability_bounding_set(leader)
+    for procs in cgroup_procs:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+    ns.limit_bounding_set(bounding)  # no capability the container's own processes lack
+    target.enter()
+    user = lookup_user(program.user)
+    path = _program_path(program)
+    if user is None or path is None:
+        return NO_USER if user is None else NO_PROGRAM
+    _pid, status = os.waitpid(_fork_program(0, user, path, program), 0)
+    return os.waitstatus_to_exitcode(status) & 0xFF
+
+
 async def start_program(leader: int | None, program: Program, cgroup_procs: list[str],
                         machine: str) -> tuple[int, str]:
     """Allocate a PTY inside the machine (leader None: the host) and run program on it as a
@@ -146,41 +231,13 @@ async def start_program(leader: int | None, program: Program, cgroup_procs: list
         user = lookup_user(program.user)
         if user is None:
             return NO_USER
-        path = next((p for p in (program.path, *program.alternatives) if os.path.exists(p)),
-                    None)
+        path = _program_path(program)
         if path is None:
             return NO_PROGRAM
         master, number = open_ptmx()
         slave = os.open(pty_path(number), os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-        env = _environment(user, program.environment)
-
-        def run() -> int:
-            # not in the pid namespace of the shell: the middle child goes, the shell stays
-            os.setsid()
-            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
-            for fd in (0, 1, 2):
-                os.dup2(slave, fd)
-            os.closerange(3, 65536)
-            try:
-                os.setgroups(list(user.groups))
-                os.setresgid(user.gid, user.gid, user.gid)
-                os.setresuid(user.uid, user.uid, user.uid)
-                try:
-                    os.chdir(user.home)
-                except OSError:
-                    os.chdir("/")
-                os.execve(path, program.argv, env)
-            except OSError as e:
-                os.write(2, f"Failed to execute {path}: {e.strerror}\r\n".encode())
-            return 127
-
-        pid = os.fork()
-        if pid == 0:
-            code = 127
-            try:
-                code = run()
-            finally:
-                os._exit(code)
+        # not in the pid namespace of the shell: the middle child goes, the shell stays
+        pid = _fork_program(slave, user, path, program)
         ns.send(sock, struct.pack("=I", number), [master])
         os.close(master)
         sock.close()

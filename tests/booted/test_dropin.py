@@ -251,6 +251,18 @@ def test_host_shell_is_a_service_of_pid1(vm: InstalledVM) -> None:
     assert "User 'nobody2' does not exist in machine '.host'." in missing.stderr
 
 
+def test_container_shell_is_not_in_the_daemons_sandbox(vm: InstalledVM) -> None:
+    """A container shell is a transient service of the host's PID 1 that enters the container
+    (252 has the container's systemd start it): the container's own context, not the daemon's
+    NoNewPrivileges, bounding set and seccomp filters."""
+    out = done(vm.machinectl("shell", "tinyb", "/bin/sh", "-c",
+                             "grep -E '^(NoNewPrivs|CapBnd)' /proc/self/status", check=False))
+    leader = machine_props(vm, "tinyb")["Leader"]
+    capbnd = vm.run("grep", "-E", "^CapBnd", f"/proc/{leader}/status").stdout.split()[1]
+    assert "NoNewPrivs:\t0" in out.stdout, out.stdout
+    assert f"CapBnd:\t{capbnd}" in out.stdout, out.stdout
+
+
 def test_host_login_is_a_getty(vm: InstalledVM) -> None:
     """A `.host` login is systemd's container-getty@N.service, as in 252: agetty shows
     /etc/issue before its prompt (the login program alone would not)."""
