@@ -40,6 +40,34 @@ from .objects import Call
 LOGIN_PROGRAMS = ("/bin/login", "/usr/bin/login", "/sbin/login", "/usr/sbin/login")
 
 
+def _pty_service(description: str, slave: int) -> list[tuple[str, tuple[str, Any]]]:
+    """The first properties of 252's container-shell@ units: the PTY's slave as stdio."""
+    return [
+        ("Description", ("s", description)),
+        ("StandardInputFileDescriptor", ("h", slave)),
+        ("StandardOutputFileDescriptor", ("h", slave)),
+        ("StandardErrorFileDescriptor", ("h", slave)),
+        ("SendSIGHUP", ("b", True)),
+        ("IgnoreSIGPIPE", ("b", False)),
+        ("KillMode", ("s", "mixed")),
+    ]
+
+
+async def _start_on_pty(services: HostServices, unit: str, master: int, slave: int, pty: str,
+                        properties: list[tuple[str, tuple[str, Any]]]) -> tuple[int, str]:
+    """Start the unit; the slave is closed either way (the unit has its copy), the master
+    too when the start fails."""
+    try:
+        try:
+            await services.start_transient_service(unit, properties)
+        finally:
+            os.close(slave)
+    except BaseException:
+        os.close(master)
+        raise
+    return master, pty
+
+
 def _pty_number(pty: str) -> str:
     return pty.removeprefix("/dev/pts/")
 
@@ -222,29 +250,15 @@ class InsideHandlers:
             "leader": m.leader, "started": started, "cgroup_procs": _cgroup_procs(m.leader),
             "user": program.user, "path": program.path, "argv": program.argv,
             "environment": program.environment, "alternatives": list(program.alternatives)})
-        try:
-            try:
-                await services.start_transient_service(
-                    f"container-shell@{m.name}-{_pty_number(pty)}.service", [
-                        ("Description", ("s", f"Shell for User {program.user} in {m.name}")),
-                        ("StandardInputFileDescriptor", ("h", slave)),
-                        ("StandardOutputFileDescriptor", ("h", slave)),
-                        ("StandardErrorFileDescriptor", ("h", slave)),
-                        ("SendSIGHUP", ("b", True)),
-                        ("IgnoreSIGPIPE", ("b", False)),
-                        ("KillMode", ("s", "mixed")),
-                        ("CollectMode", ("s", "inactive-or-failed")),
-                        # "$$": systemd would expand variables in the arguments
-                        ("ExecStart", ("a(sasb)", [(sys.executable, [
-                            sys.executable, "-m", "machined.enter",
-                            spec.replace("$", "$$")], False)])),
-                    ])
-            finally:
-                os.close(slave)
-        except BaseException:
-            os.close(master)
-            raise
-        return master, pty
+        properties = [
+            *_pty_service(f"Shell for User {program.user} in {m.name}", slave),
+            ("CollectMode", ("s", "inactive-or-failed")),
+            # "$$": systemd would expand variables in the arguments
+            ("ExecStart", ("a(sasb)", [(sys.executable, [
+                sys.executable, "-m", "machined.enter", spec.replace("$", "$$")], False)])),
+        ]
+        return await _start_on_pty(services, f"container-shell@{m.name}-{_pty_number(pty)}"
+                                   ".service", master, slave, pty, properties)
 
     @staticmethod
     async def _start_host_service(services: HostServices,
@@ -256,35 +270,24 @@ class InsideHandlers:
         master, pty = terminal.host_pty()
         try:
             slave = os.open(pty, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-            try:
-                properties: list[tuple[str, tuple[str, Any]]] = [
-                    ("Description", ("s", f"Shell for User {program.user}")),
-                    ("StandardInputFileDescriptor", ("h", slave)),
-                    ("StandardOutputFileDescriptor", ("h", slave)),
-                    ("StandardErrorFileDescriptor", ("h", slave)),
-                    ("SendSIGHUP", ("b", True)),
-                    ("IgnoreSIGPIPE", ("b", False)),
-                    ("KillMode", ("s", "mixed")),
-                    ("TTYPath", ("s", pty)),
-                    ("TTYReset", ("b", True)),
-                    ("UtmpIdentifier", ("s", pty.removeprefix("/dev/"))),
-                    ("UtmpMode", ("s", "user")),
-                    ("PAMName", ("s", "login")),
-                    ("WorkingDirectory", ("s", "-~")),
-                    ("User", ("s", program.user)),
-                ]
-                if program.environment:
-                    properties.append(("Environment", ("as", program.environment)))
-                properties.append(("ExecStart", ("a(sasb)", [(program.path, program.argv,
-                                                              True)])))
-                await services.start_transient_service(
-                    f"container-shell@{_pty_number(pty)}.service", properties)
-            finally:
-                os.close(slave)
         except BaseException:
             os.close(master)
             raise
-        return master, pty
+        properties = [
+            *_pty_service(f"Shell for User {program.user}", slave),
+            ("TTYPath", ("s", pty)),
+            ("TTYReset", ("b", True)),
+            ("UtmpIdentifier", ("s", pty.removeprefix("/dev/"))),
+            ("UtmpMode", ("s", "user")),
+            ("PAMName", ("s", "login")),
+            ("WorkingDirectory", ("s", "-~")),
+            ("User", ("s", program.user)),
+        ]
+        if program.environment:
+            properties.append(("Environment", ("as", program.environment)))
+        properties.append(("ExecStart", ("a(sasb)", [(program.path, program.argv, True)])))
+        return await _start_on_pty(services, f"container-shell@{_pty_number(pty)}.service",
+                                   master, slave, pty, properties)
 
     # ---------------------------------------------------------------- bind mounts
     async def bind_mount(self, call: Call, m: Machine, source: str, destination: str,
