@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 UNIT = "systemd-machined.service"
 # 252's CapabilityBoundingSet= (CAP_KILL CAP_SYS_PTRACE CAP_SYS_ADMIN CAP_SETGID CAP_SYS_CHROOT
 # CAP_DAC_READ_SEARCH CAP_DAC_OVERRIDE CAP_CHOWN CAP_FOWNER CAP_FSETID CAP_MKNOD
-# CAP_LINUX_IMMUTABLE) and CAP_SETUID (7, docs/install.md) as a mask
-CAPABILITIES = sum(1 << c for c in (5, 19, 21, 6, 18, 2, 1, 0, 3, 4, 27, 9, 7))
+# CAP_LINUX_IMMUTABLE) as a mask
+CAPABILITIES = sum(1 << c for c in (5, 19, 21, 6, 18, 2, 1, 0, 3, 4, 27, 9))
 POLKIT_RULE = "/etc/polkit-1/rules.d/50-machined-test.rules"
 
 
@@ -281,8 +281,9 @@ def test_login(vm: InstalledVM) -> None:
 
 
 def test_shell_as_another_user(vm: InstalledVM) -> None:
-    """In a container in the host's user namespace the daemon becomes the user itself (252 has
-    the container's systemd do it): it needs CAP_SETUID, which the unit's bounding set gives."""
+    """In a container in the host's user namespace the program becomes the user in
+    machined/enter.py, a service of PID 1 (252 has the container's systemd do it): so the
+    daemon needs no CAP_SETUID, and the unit's bounding set is 252's."""
     vm.path("/var/lib/machines/tinyb").chmod(0o755)  # a temp dir's 0700: no way in for nobody
     etc = vm.path("/var/lib/machines/tinyb/etc")
     (etc / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n"
