@@ -65,12 +65,8 @@ def started_after(pid: int, monotonic_usec: int) -> bool:
     largest it has been, so a process that did run then is never taken for a later one (one
     that started after a suspend that came after that time may be missed); one tick more is
     allowed for the readings."""
-    fields = _stat_after_command(pid)
-    if fields is None:
-        return False
-    try:
-        ticks = int(fields.split()[19])  # field 22, starttime
-    except (IndexError, ValueError):
+    ticks = start_ticks(pid)
+    if ticks is None:
         return False
     lead = (time.clock_gettime_ns(time.CLOCK_BOOTTIME)
             - time.clock_gettime_ns(time.CLOCK_MONOTONIC)) // 1000
