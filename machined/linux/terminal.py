@@ -123,12 +123,20 @@ def _environment(user: User, extra: list[str]) -> dict[str, str]:
     return env
 
 
+def _refuse(code: int, program: Program, machine: str) -> None:
+    """The errors of a child that found no such user (NO_USER) or program (NO_PROGRAM)."""
+    if code == NO_USER:
+        raise Failed(f"User '{program.user}' does not exist in machine '{machine}'.")
+    if code == NO_PROGRAM:
+        raise ErrnoError(errno.ENOENT, f"There is no {program.path} in machine {machine}.")
+
+
 def check_host_program(program: Program) -> None:
     """On the host, what the shell child would refuse up front (see start_program)."""
     if lookup_user(program.user) is None:
-        raise Failed(f"User '{program.user}' does not exist in machine '.host'.")
-    if not any(os.path.exists(p) for p in (program.path, *program.alternatives)):
-        raise ErrnoError(errno.ENOENT, f"There is no {program.path} in machine .host.")
+        _refuse(NO_USER, program, ".host")
+    if _program_path(program) is None:
+        _refuse(NO_PROGRAM, program, ".host")
 
 
 def _fork_program(tty: int, user: User, path: str, program: Program) -> int:
@@ -183,10 +191,7 @@ async def open_terminal_in(leader: int, program: Program, machine: str) -> tuple
         (number,) = struct.unpack("=I", result.messages[0])
         return result.fds[0], result.fds[1], pty_path(number)
     result.close_fds()
-    if result.code == NO_USER:
-        raise Failed(f"User '{program.user}' does not exist in machine '{machine}'.")
-    if result.code == NO_PROGRAM:
-        raise ErrnoError(errno.ENOENT, f"There is no {program.path} in machine {machine}.")
+    _refuse(result.code, program, machine)
     raise ErrnoError(result.errno or errno.EIO)
 
 
@@ -259,11 +264,8 @@ async def start_program(leader: int | None, program: Program, cgroup_procs: list
         (number,) = struct.unpack("=I", messages[0])
         return fds[0], pty_path(number)
     result = ns.ChildResult(await ns.reap(pid), messages, fds)
-    if result.code == NO_USER:
-        raise Failed(f"User '{program.user}' does not exist in machine '{machine}'.")
-    if result.code == NO_PROGRAM:
-        raise ErrnoError(errno.ENOENT, f"There is no {program.path} in machine {machine}.")
     result.close_fds()
+    _refuse(result.code, program, machine)
     err = result.errno
     raise ErrnoError(err) if err else ErrnoError(errno.EIO)
 
