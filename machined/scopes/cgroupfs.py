@@ -140,10 +140,7 @@ class CgroupfsBackend:
         apply_stop_settings(scope, settings)
         note = stop_note(settings)
         if note:  # without PID 1, nobody else keeps them for the daemon's next start
-            try:
-                self.hierarchy.write_note(scope.path, note)
-            except OSError as e:
-                log.debug("Cannot keep the stop settings of %s: %s", unit, e)
+            self._keep_note(scope, note)
         self._track(scope)
         m.unit = unit
         m.own_scope = m.referenced = True
@@ -190,12 +187,15 @@ class CgroupfsBackend:
         if scope is not None and scope.stopping is None:
             deadline = time.monotonic() + scope.stop_timeout
             if scope.owned:  # a restart in between must not forget the SIGKILL: PID 1 would not
-                try:
-                    self.hierarchy.write_note(scope.path, stop_note(settings_of(scope), deadline))
-                except OSError as e:
-                    log.debug("Cannot keep the stop of %s: %s", scope.unit, e)
+                self._keep_note(scope, stop_note(settings_of(scope), deadline))
             self._kill_at(scope, deadline, m.leader)
         return ""
+
+    def _keep_note(self, scope: Scope, note: bytes) -> None:
+        try:
+            self.hierarchy.write_note(scope.path, note)
+        except OSError as e:
+            log.debug("Cannot keep how %s is to be stopped: %s", scope.unit, e)
 
     def _kill_at(self, scope: Scope, deadline: float, leader: int | None = None) -> None:
         scope.stopping = asyncio.get_running_loop().create_task(
@@ -385,25 +385,30 @@ def stop_note(settings: ScopeSettings, stopping_until: float | None = None) -> b
     return "".join(line + "\n" for line in lines).encode()
 
 
-def read_stop_deadline(note: bytes | None) -> float | None:
+def _note_fields(note: bytes | None) -> dict[str, str]:
+    """The KEY=value lines of a scope's note."""
+    fields = {}
     for line in (note or b"").decode("utf-8", "replace").splitlines():
         key, _, value = line.partition("=")
-        if key == "StopDeadlineUSec" and value.isdigit():
-            return int(value) / 1e6
-    return None
+        fields[key] = value
+    return fields
+
+
+def read_stop_deadline(note: bytes | None) -> float | None:
+    value = _note_fields(note).get("StopDeadlineUSec", "")
+    return int(value) / 1e6 if value.isdigit() else None
 
 
 def read_stop_note(note: bytes | None) -> ScopeSettings:
     """The settings of stop_note(); what is missing or not understood keeps its default."""
+    fields = _note_fields(note)
     settings = DEFAULT_STOP
-    for line in (note or b"").decode("utf-8", "replace").splitlines():
-        key, _, value = line.partition("=")
-        if not value.isdigit() and key != "KillMode":
-            continue
-        if key == "KillSignal" and 1 <= int(value) < 65:
-            settings = replace(settings, kill_signal=int(value))
-        elif key == "KillMode" and value in KILL_MODES:
-            settings = replace(settings, kill_mode=value)
-        elif key == "TimeoutStopUSec":
-            settings = replace(settings, stop_timeout=int(value) / 1e6)
+    signo, mode, timeout = (fields.get(k, "") for k in
+                            ("KillSignal", "KillMode", "TimeoutStopUSec"))
+    if signo.isdigit() and 1 <= int(signo) < 65:
+        settings = replace(settings, kill_signal=int(signo))
+    if mode in KILL_MODES:
+        settings = replace(settings, kill_mode=mode)
+    if timeout.isdigit():
+        settings = replace(settings, stop_timeout=int(timeout) / 1e6)
     return settings
