@@ -83,8 +83,8 @@ class InsideHandlers:
         self.registry = registry
         self.authority = authority
         self.operations = Operations(_kill)
-        # With a service manager, `.host` programs are its services, as in 252; without one
-        # (no systemd as PID 1), the daemon starts them itself.
+        # With a service manager, shell and login programs are its services (on `.host` as in
+        # 252); without one (no systemd as PID 1), the daemon starts them itself.
         self.host_services = host_services
 
     # ---------------------------------------------------------------- helpers

@@ -56,8 +56,8 @@ class ScopeBackend(Protocol):
 
 class HostServices(Protocol):
     """The host's service manager (org.freedesktop.systemd1), which starts the programs of
-    `.host` shells and logins as 252 has it start them: outside the daemon's own sandbox, with
-    a PAM session and a utmp entry."""
+    shells and logins outside the daemon's own sandbox: on `.host` as 252 has it start them
+    (a PAM session, utmp), in containers through machined/enter.py."""
 
     async def start_transient_service(self, unit: str, properties: ScopeProperties) -> None: ...
 
