@@ -6,12 +6,12 @@ import argparse
 import asyncio
 import os
 import re
-import resource
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 from . import COMPAT_SYSTEMD_VERSION, __version__
+from .linux import process
 from .logs import setup_logging
 
 INTROSPECT_LIST = [
@@ -48,13 +48,6 @@ def bus_introspect(target: str) -> int:
         return 1
     sys.stdout.write(node_xml(*found))
     return 0
-
-
-def raise_fd_limit() -> None:
-    """One pidfd per leader: lift the soft RLIMIT_NOFILE (often 1024) to the hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 HELP = """\
@@ -126,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bus_introspect:
         return bus_introspect(args.bus_introspect)
     os.umask(0o022)
-    raise_fd_limit()
+    process.raise_fd_limit()
     setup_logging(args.log_level)
     from .daemon import Options, run
 

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -18,6 +19,26 @@ log = logging.getLogger(__name__)
 
 
 _PROC_READ_SIZE = 16384
+
+# The soft RLIMIT_NOFILE the daemon was started with, once raise_fd_limit() has lifted it.
+_nofile_soft_at_start: int | None = None
+
+
+def raise_fd_limit() -> None:
+    """One pidfd per leader: lift the soft RLIMIT_NOFILE (often 1024) to the hard limit."""
+    global _nofile_soft_at_start
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        _nofile_soft_at_start = soft
+
+
+def restore_fd_limit() -> None:
+    """In a child about to run a program: the soft limit the daemon was started with, as systemd
+    gives its services a soft limit of 1024 whatever its own (programs using select() need it)."""
+    if _nofile_soft_at_start is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (_nofile_soft_at_start, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 
 def read_proc(pid: int, name: str) -> bytes:

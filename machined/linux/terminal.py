@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from ..core.errors import ErrnoError, Failed
 from . import namespaces as ns
+from . import process
 
 TIOCGPTN = 0x80045430
 TIOCSPTLCK = 0x40045431
@@ -149,7 +150,8 @@ def _fork_program(tty: int, user: User, path: str, program: Program) -> int:
         fcntl.ioctl(tty, termios.TIOCSCTTY, 0)
         for fd in (0, 1, 2):
             os.dup2(tty, fd)
-        os.closerange(3, 65536)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # every fd the daemon may have had
+        process.restore_fd_limit()
         os.setgroups(list(user.groups))
         os.setresgid(user.gid, user.gid, user.gid)
         os.setresuid(user.uid, user.uid, user.uid)
