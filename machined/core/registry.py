@@ -152,7 +152,7 @@ class Registry:
         try:
             await self._start(m, properties)
         except BaseException:
-            self.queue_gc(m)
+            self._abandon(m)
             raise
         if m.scope_job:
             result = self._finished_jobs.pop(m.scope_job, None)
@@ -177,9 +177,29 @@ class Registry:
             await self.backend.unit_for_registration(m, sender_pid)
             await self._start(m, None)
         except BaseException:
-            self.queue_gc(m)
+            self._abandon(m)
             raise
         return m
+
+    def _abandon(self, m: Machine) -> None:
+        """A create or register that failed. A machine that never started leaves the table
+        before the error reply goes out, as in 252, whose GC runs before it reads the next bus
+        message: a call right after must not find its name or leader taken. A scope of ours
+        that it got meanwhile is stopped in the background, as the GC would stop it."""
+        if m.started or self._shutting_down:
+            self.queue_gc(m)
+            return
+        if self.machines.get(m.name) is not m:
+            return  # collected meanwhile
+        if m.own_scope and m.unit and m.state != "closing":
+            eager.spawn(self._stop_abandoned(m), self._tasks, f"Stopping machine {m.name}")
+        self._drop(m)
+
+    async def _stop_abandoned(self, m: Machine) -> None:
+        try:
+            await self._stop(m)
+        except MachinedError as e:
+            log.warning("Failed to stop machine %s: %s", m.name, e.message)
 
     async def _start(self, m: Machine, properties: ScopeProperties | None) -> None:
         """§6.3.3, shared by create, register and start-up."""

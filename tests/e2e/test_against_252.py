@@ -11,6 +11,7 @@ mounts, PTYs), which are only made with arguments that fail before they act.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
@@ -21,15 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sdbus.sd_bus_internals import SdBus
+from sdbus.sd_bus_internals import SdBus, SdBusBaseError
 
+from machined.bus.client import remote_error
 from tests.helpers.busdaemon import BusDaemon
+from tests.helpers.client import DEST, RawClient, connect, outcome
 from tests.helpers.client import IMAGE as IMG
 from tests.helpers.client import MACHINE as MACH
 from tests.helpers.client import MANAGER as MGR
 from tests.helpers.client import MANAGER_PATH as M
 from tests.helpers.client import PROPERTIES as PROPS
-from tests.helpers.client import RawClient, connect, outcome
 from tests.helpers.daemon import cgroup2_mount, wait_for
 from tests.helpers.leaders import CgroupLeaders
 from tests.helpers.real252 import (
@@ -586,6 +588,47 @@ def test_same_answers_for_an_unprivileged_caller(pair: Pair) -> None:
             c.close()
     assert not differ, (f"{len(differ)} of {len(catalogue)} answers differ from 252's:\n"
                         + "\n".join(differ))
+
+
+async def _pipelined(bus: BusDaemon, calls: list[tuple[str, str, Any]]) -> list[tuple[str, Any]]:
+    """Manager calls sent one after the other on one connection before any reply is read, so
+    that the daemon reads them together."""
+    conn = connect(bus)
+    try:
+        sent = []
+        for member, sig, args in calls:
+            msg = conn.new_method_call_message(DEST, M, MGR, member)
+            if sig:
+                msg.append_data(sig, *args)
+            sent.append(conn.call_async(msg))
+        answers: list[tuple[str, Any]] = []
+        for reply in await asyncio.gather(*sent, return_exceptions=True):
+            if isinstance(reply, SdBusBaseError):
+                err = remote_error(reply)
+                answers.append(("error", (err.name, err.message)))
+            else:
+                answers.append(("ok", reply.parse_to_tuple()))
+        return answers
+    finally:
+        conn.close()
+
+
+def test_a_failed_registration_leaves_nothing_for_the_next_call(pair: Pair) -> None:
+    """252 collects a failed registration before it reads the next message: the calls queued
+    behind it find neither its name nor its leader taken."""
+    leader = pair.leaders["free2"]
+    fails = [("sayssus", ("difft-pipe", b"", "test", "container", NO_PID, "")),  # no process
+             ("sayssus", ("difft-pipe", b"", "test", "container", pair.leaders["difft"], ""))]
+    for sig, bad in fails:  # the second: a leader that is another machine's
+        calls = [("RegisterMachine", sig, bad), ("GetMachine", "s", ("difft-pipe",)),
+                 ("ListMachines", "", ()), ("RegisterMachine", sig, (*bad[:4], leader, ""))]
+        answers = {who: [normal(answer, member) for answer, (member, _s, _a) in
+                         zip(asyncio.run(_pipelined(pair.buses[who], calls)), calls, strict=True)]
+                   for who in ("real", "ours")}
+        assert answers["ours"] == answers["real"], answers
+        assert answers["ours"][-1] == ("ok", (f"{M}/machine/difft_2dpipe",)), answers
+        for conn in (pair.real, pair.ours):
+            assert outcome(conn, M, MGR, "UnregisterMachine", "s", "difft-pipe")[0] == "ok"
 
 
 def _as_outcome(answer: tuple[Any, ...], client: RawClient) -> tuple[str, Any]:

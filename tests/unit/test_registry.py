@@ -24,6 +24,7 @@ class FakeBackend:
         self.job_mode = False  # CreateMachine gets a start job to wait for
         self.pid_units: dict[int, str] = {}
         self.fail_start: RemoteError | None = None
+        self.fail_after_scope: RemoteError | None = None  # the scope is made, then an error
         self._n = 0
 
     async def start_scope(self, m: Machine, properties: list) -> str:  # type: ignore[type-arg]
@@ -33,6 +34,8 @@ class FakeBackend:
         m.unit = f"machine-{m.name}.scope"
         m.own_scope = m.referenced = True
         self.active.add(m.unit)
+        if self.fail_after_scope:
+            raise self.fail_after_scope
         if self.job_mode:
             self._n += 1
             job = f"/job/{self._n}"
@@ -194,6 +197,33 @@ async def test_scope_start_error_is_passed_on_and_machine_dropped(world: World) 
         await world.registry.create(spec(), [], 1)
     await world.settle()
     assert world.registry.get("ct") is None
+    assert ("new", "ct") not in world.listener.events
+
+
+async def test_a_failed_call_frees_name_and_leader_before_its_reply(world: World) -> None:
+    # The next call, even one already queued behind it, finds neither taken (252's GC runs
+    # before every message it reads): no settling in between.
+    with pytest.raises(ErrnoError):
+        await world.registry.register(spec(), 1)
+    assert world.registry.get("ct") is None and "ct" not in [m.name for m in world.registry]
+    world.backend.fail_start = RemoteError("org.freedesktop.systemd1.UnitExists", "exists")
+    with pytest.raises(RemoteError):
+        await world.registry.create(spec(), [], 1)
+    assert world.registry.get("ct") is None and world.registry.by_pid(100) is None
+    world.backend.fail_start = None
+    world.backend.pid_units[100] = "foo.service"
+    assert (await world.registry.register(spec(), 1)).unit == "foo.service"
+    assert ("new", "ct") in world.listener.events
+
+
+async def test_a_failed_create_stops_the_scope_it_got(world: World) -> None:
+    world.backend.fail_after_scope = RemoteError("org.freedesktop.DBus.Error.Failed", "late")
+    with pytest.raises(RemoteError):
+        await world.registry.create(spec(), [], 1)
+    assert world.registry.get("ct") is None
+    assert ("stop", "machine-ct.scope") in world.backend.calls
+    await world.settle()
+    assert ("release", "machine-ct.scope") in world.backend.calls
     assert ("new", "ct") not in world.listener.events
 
 
