@@ -25,7 +25,12 @@ SYSTEMD1_PATH = "/org/freedesktop/systemd1"
 MANAGER = "org.freedesktop.systemd1.Manager"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 _GONE = ("org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.systemd1.LoadFailed")
-_STILL_THERE = ("org.freedesktop.DBus.Error.NoReply", "org.freedesktop.DBus.Error.Disconnected")
+# What a call gets when PID 1 re-executes (systemctl daemon-reexec) before answering it: its old
+# bus connection goes, with the calls it had not read, once the new PID 1 is on the bus.
+_CUT_SHORT = "org.freedesktop.DBus.Error.NoReply"
+# How long the new PID 1 may take to own its name again after that; then the call is sent once
+# more. 252 does not retry (its calls happen to succeed only when it was blocked meanwhile).
+REEXEC_WAIT = 5.0
 
 
 def unit_path(unit: str) -> str:
@@ -92,6 +97,32 @@ class Systemd1Backend:
         return await client.call(self.bus, SYSTEMD1, SYSTEMD1_PATH, MANAGER, member,
                                  signature, *args)
 
+    async def _manager_again(self, member: str, signature: str, *args: Any) -> tuple[Any, ...]:
+        """A call about a unit that PID 1 dropped when it re-executed: sent once more, to the
+        new PID 1. PID 1 drops the calls it has not read yet; one that it did act on just
+        before (its reply lost) does no harm twice: a second stop job merges with the first, a
+        signal comes twice."""
+        try:
+            return await self._manager(member, signature, *args)
+        except RemoteError as e:
+            if e.name != _CUT_SHORT or not await self._back_on_the_bus():
+                raise
+        return await self._manager(member, signature, *args)
+
+    async def _back_on_the_bus(self) -> bool:
+        """PID 1 owns its name again (within REEXEC_WAIT)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REEXEC_WAIT
+        while True:
+            try:
+                if await client.name_has_owner(self.bus, SYSTEMD1):
+                    return True
+            except RemoteError:
+                return False
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+
     async def start_scope(self, m: Machine, properties: ScopeProperties) -> str:
         unit = machine_scope_name(m.name)
         description = ("Virtual Machine " if m.cls is MachineClass.VM else "Container ") + m.name
@@ -127,7 +158,7 @@ class Systemd1Backend:
 
     async def stop(self, m: Machine) -> str:
         try:
-            (job,) = await self._manager("StopUnit", "ss", m.unit, "fail")
+            (job,) = await self._manager_again("StopUnit", "ss", m.unit, "fail")
         except RemoteError as e:
             if e.name in _GONE:
                 return ""
@@ -136,7 +167,7 @@ class Systemd1Backend:
 
     async def kill(self, m: Machine, signo: int) -> None:
         try:
-            await self._manager("KillUnit", "ssi", m.unit, "all", signo)
+            await self._manager_again("KillUnit", "ssi", m.unit, "all", signo)
         except RemoteError as e:
             raise ErrnoError(remote_errno(e.name)) from None
 
@@ -165,7 +196,7 @@ class Systemd1Backend:
         # that finalized it: UnrefUnit goes out after that call's reply.
         await asyncio.sleep(0)
         try:
-            await self._manager("UnrefUnit", "s", m.unit)
+            await self._manager_again("UnrefUnit", "s", m.unit)
         except RemoteError as e:
             log.debug("Failed to drop reference to unit %s: %s", m.unit, e.message)
 
