@@ -55,14 +55,15 @@ make_parents() {
     for dir in "${missing[@]}"; do mkdir -m 0755 "$ROOT$dir"; record dir "$dir"; done
 }
 
-# Whatever is at PATH (a distribution's file) goes aside, to come back at uninstall.
+# Whatever is at PATH (a distribution's file) goes aside, to come back at uninstall. With dpkg
+# the path is diverted even when nothing is there yet: a package installed later (say
+# systemd-container) then writes its file to PATH.distrib, not over ours.
 move_aside() {
     local path=$1
-    [ -e "$ROOT$path" ] || [ -L "$ROOT$path" ] || return 0
     if has_dpkg; then
         in_target dpkg-divert --quiet --local --rename --divert "$path.distrib" --add "$path"
         record divert "$path"
-    else
+    elif [ -e "$ROOT$path" ] || [ -L "$ROOT$path" ]; then
         mv "$ROOT$path" "$ROOT$path.machined-orig"
         record backup "$path"
     fi
@@ -128,14 +129,12 @@ do_install() {
     rm -rf "$ROOT$wheels"
     install -m 0755 "$SRC/scripts/install.sh" "$ROOT$PREFIX/install.sh"
 
-    place_file "$SRC/units/systemd-machined.service" /etc/systemd/system/systemd-machined.service
-    # the alias D-Bus activation asks for; systemd-container ships it (a symlink by name, so it
-    # finds our unit in /etc too)
-    local alias=dbus-org.freedesktop.machine1.service
-    if [ ! -L "$ROOT/lib/systemd/system/$alias" ] && [ ! -L "$ROOT/usr/lib/systemd/system/$alias" ]
-    then
-        place_link /etc/systemd/system/systemd-machined.service "/etc/systemd/system/$alias"
-    fi
+    # The unit in the distribution's place, not in /etc, so that the administrator's own
+    # files in /etc still win: `systemctl mask`, `systemctl edit --full`, drop-ins.
+    place_file "$SRC/units/systemd-machined.service" /lib/systemd/system/systemd-machined.service
+    # the alias D-Bus activation asks for: systemd-container ships it, a symlink by name
+    local alias=/lib/systemd/system/dbus-org.freedesktop.machine1.service
+    [ -L "$ROOT$alias" ] || place_link systemd-machined.service "$alias"
     place_file "$SRC/units/org.freedesktop.machine1.service" \
         /usr/share/dbus-1/system-services/org.freedesktop.machine1.service
     place_file "$SRC/policy/org.freedesktop.machine1.conf" \

@@ -57,7 +57,7 @@ def daemon_pid(vm: InstalledVM) -> int:
 def test_unit_runs_our_daemon(vm: InstalledVM) -> None:
     vm.run("systemctl", "start", UNIT)
     status = vm.run("systemctl", "status", "--no-pager", UNIT).stdout
-    assert "Loaded: loaded (/etc/systemd/system/systemd-machined.service; static)" in status
+    assert "Loaded: loaded (/lib/systemd/system/systemd-machined.service; static)" in status
     assert "active (running)" in status
     assert "/usr/lib/machined/bin/python3 -m machined" in status
     assert 'Status: "Processing requests..."' in status  # 252's words
@@ -173,6 +173,20 @@ def test_dbus_activation(vm: InstalledVM) -> None:
     assert vm.run("systemctl", "is-active", UNIT).stdout.strip() == "active"
     out = vm.run("cat", f"/proc/{daemon_pid(vm)}/cmdline").stdout
     assert out.split("\0")[:3] == ["/usr/lib/machined/bin/python3", "-m", "machined"]
+
+
+def test_mask_as_252(vm: InstalledVM) -> None:
+    # The administrator's /etc wins over the installed unit, as over the distribution's.
+    vm.run("systemctl", "stop", UNIT)
+    vm.run("systemctl", "mask", UNIT)
+    try:
+        masked = vm.machinectl("list", check=False)
+        assert masked.returncode == 1
+        assert "Unit systemd-machined.service is masked." in masked.stderr, masked.stderr
+        assert vm.run("systemctl", "is-active", UNIT, check=False).stdout.strip() == "inactive"
+    finally:
+        vm.run("systemctl", "unmask", UNIT)
+    assert set(machines(vm)) == {"tinya", "tinyb"}  # activated again, every machine kept
 
 
 def test_polkit_non_root_terminate(vm: InstalledVM) -> None:
