@@ -136,8 +136,12 @@ class Systemd1Backend:
             ("TasksMax", ("t", 16384)),
             *properties,
         ]
-        (job,) = await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))",
-                                     unit, "fail", props, [])
+        try:
+            (job,) = await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))",
+                                         unit, "fail", props, [])
+        except RemoteError as e:
+            log.error("Failed to start machine scope: %s", e.message)  # 252's words
+            raise
         m.unit = unit
         m.own_scope = m.referenced = True
         return str(job)
@@ -162,6 +166,7 @@ class Systemd1Backend:
         except RemoteError as e:
             if e.name in _GONE:
                 return ""
+            log.error("Failed to stop machine scope: %s", e.message)  # 252's words
             raise ErrnoError(remote_errno(e.name)) from None
         return str(job)
 

@@ -337,3 +337,22 @@ def test_stopping_the_daemon_leaves_its_scopes_alone(
     assert pid_alive(leader.pid)
     machined_systemd1.start()
     assert name in machine_names(bus)
+
+
+def test_scope_errors_are_logged_as_252_logs_them(bus: BusDaemon, fake_systemd1: FakeSystemd1,
+                                                  machined_systemd1: Machined,
+                                                  procs: Processes) -> None:
+    name = unique_name("logged")
+    unit = scope_name(name)
+    create_machine(bus, name, procs.sleeper().pid)
+    fake_systemd1.mock("SetUnitCallError", "s", "org.freedesktop.systemd1.ShuttingDown")
+    try:
+        assert mcall(bus, "TerminateMachine", "s", name, check=False).returncode != 0
+    finally:
+        fake_systemd1.mock("SetUnitCallError", "s", "")
+    mcall(bus, "UnregisterMachine", "s", name)  # its scope stays with systemd1
+    assert mcall(bus, "CreateMachine", "sayssusa(sv)", *create_args(name, procs.sleeper().pid),
+                 "0", check=False).returncode != 0
+    log = machined_systemd1.log
+    assert "ERROR Failed to stop machine scope: Refused by the test." in log, log
+    assert f"ERROR Failed to start machine scope: Unit {unit} already exists." in log, log
