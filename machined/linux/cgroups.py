@@ -16,6 +16,15 @@ from ..core.errors import ErrnoError
 from ..core.names import unit_name_is_valid
 from .process import read_proc
 
+# What opening a cgroup's file gives when the cgroup was removed meanwhile.
+_GONE = (errno.ENOENT, errno.ENODEV)
+
+
+def _raise_unless_gone(e: OSError) -> None:
+    """os.walk() would pass over a directory it cannot list (EMFILE, say) in silence."""
+    if e.errno not in _GONE:
+        raise e
+
 
 @cache
 def cgroup2_mount() -> str | None:
@@ -167,23 +176,35 @@ class Hierarchy:
 
     def _dirs_bottom_up(self, path: str) -> list[str]:
         out: list[str] = []
-        for dirpath, _dirnames, _files in os.walk(self.fs(path), topdown=False):
+        for dirpath, _dirnames, _files in os.walk(self.fs(path), topdown=False,
+                                                  onerror=_raise_unless_gone):
             out.append(dirpath)
         return out
 
     def pids(self, path: str) -> Iterator[int]:
+        """The processes of the subtree; an OSError other than a cgroup going meanwhile (EMFILE,
+        EACCES) is raised: none of them must pass for an empty cgroup."""
         for dirpath in self._dirs_bottom_up(path):
-            with contextlib.suppress(OSError), open(dirpath + "/cgroup.procs") as f:
-                for line in f:
-                    if line.strip():
-                        yield int(line)
+            try:
+                with open(dirpath + "/cgroup.procs") as f:
+                    procs = f.read()
+            except OSError as e:
+                if e.errno in _GONE:
+                    continue
+                raise
+            yield from (int(line) for line in procs.split())
 
     def kill(self, path: str, signo: int) -> int:
         """Signal every process in the subtree; returns how many were signalled."""
         if signo == signal.SIGKILL and os.path.exists(self.fs(path) + "/cgroup.kill"):
-            with contextlib.suppress(OSError), open(self.fs(path) + "/cgroup.kill", "w") as f:
-                f.write("1")
+            try:
+                with open(self.fs(path) + "/cgroup.kill", "w") as f:
+                    f.write("1")
                 return 1
+            except OSError as e:
+                if e.errno not in _GONE:
+                    raise
+                return 0
         count = 0
         for pid in self.pids(path):
             with contextlib.suppress(ProcessLookupError):

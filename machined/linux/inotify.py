@@ -6,9 +6,12 @@ import asyncio
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import struct
 from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 IN_MODIFY = 0x00000002
 IN_IGNORED = 0x00008000
@@ -58,8 +61,12 @@ class Inotify:
                 fired.append(wd)
         for wd in fired:
             callback = self._callbacks.get(wd)
-            if callback is not None:
+            if callback is None:
+                continue
+            try:
                 callback()
+            except Exception:  # the other watches of this read still get theirs
+                log.exception("Handling a change of an inotify watch failed")
 
     def close(self) -> None:
         self._loop.remove_reader(self.fd)

@@ -126,7 +126,9 @@ class PidfdWatcher:
             self.unwatch(pid)
         try:
             fd = os.pidfd_open(pid)
-        except OSError:
+        except OSError as e:
+            if e.errno != errno.ESRCH:  # alive, but its exit is seen through its unit only
+                log.warning("Cannot watch PID %d: %s", pid, e.strerror)
             return False
         self._fds[pid] = fd
         self._on_exit[fd] = (pid, on_exit)

@@ -186,10 +186,22 @@ class CgroupfsBackend:
         scope = self.scopes.get(m.unit)
         if scope is not None and scope.stopping is None:
             deadline = time.monotonic() + scope.stop_timeout
+            # KillSignal= now: a stop that cannot signal (EMFILE, say) is the caller's error
+            self._signal_stop(scope, m.leader)
             if scope.owned:  # a restart in between must not forget the SIGKILL: PID 1 would not
                 self._keep_note(scope, stop_note(settings_of(scope), deadline))
-            self._kill_at(scope, deadline, m.leader)
+            self._kill_at(scope, deadline)
         return ""
+
+    def _signal_stop(self, scope: Scope, leader: int) -> None:
+        try:
+            if scope.kill_mode == "mixed":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(leader, scope.kill_signal)
+            else:
+                self.hierarchy.kill(scope.path, scope.kill_signal)
+        except OSError as e:
+            raise ErrnoError.from_oserror(e) from None
 
     def _keep_note(self, scope: Scope, note: bytes) -> None:
         try:
@@ -197,27 +209,33 @@ class CgroupfsBackend:
         except OSError as e:
             log.debug("Cannot keep how %s is to be stopped: %s", scope.unit, e)
 
-    def _kill_at(self, scope: Scope, deadline: float, leader: int | None = None) -> None:
-        scope.stopping = asyncio.get_running_loop().create_task(
-            self._stop(scope, deadline, leader))
+    def _kill_at(self, scope: Scope, deadline: float) -> None:
+        scope.stopping = asyncio.get_running_loop().create_task(self._stop(scope, deadline))
 
-    async def _stop(self, scope: Scope, deadline: float, leader: int | None) -> None:
-        """KillSignal= first (unless a stop resumed after a restart: sent already), then
-        SIGKILL for what is left at the deadline (CLOCK_MONOTONIC)."""
+    async def _stop(self, scope: Scope, deadline: float) -> None:
+        """After KillSignal=: SIGKILL for what is left at the deadline (CLOCK_MONOTONIC). A
+        cgroup file that cannot be read or written for a while (EMFILE, say) only delays it."""
         try:
-            if leader is not None and scope.kill_mode == "mixed":
-                with contextlib.suppress(OSError):
-                    os.kill(leader, scope.kill_signal)
-            elif leader is not None:
-                self.hierarchy.kill(scope.path, scope.kill_signal)
-            while time.monotonic() < deadline:
-                if not self.hierarchy.populated(scope.path):
+            while not await self._emptied_by(scope, deadline):
+                log.info("Scope %s did not stop in time, killing it.", scope.unit)
+                try:
+                    self.hierarchy.kill(scope.path, signal.SIGKILL)
                     return
-                await asyncio.sleep(0.1)
-            log.info("Scope %s did not stop in time, killing it.", scope.unit)
-            self.hierarchy.kill(scope.path, signal.SIGKILL)
+                except OSError as e:
+                    log.warning("Failed to kill scope %s, trying again: %s", scope.unit, e)
+                    deadline = time.monotonic() + 1
         finally:
             scope.stopping = None
+
+    async def _emptied_by(self, scope: Scope, deadline: float) -> bool:
+        while time.monotonic() < deadline:
+            try:
+                if not self.hierarchy.populated(scope.path):
+                    return True
+            except OSError as e:
+                log.debug("Cannot tell whether %s is empty: %s", scope.unit, e)
+            await asyncio.sleep(0.1)
+        return False
 
     async def kill(self, m: Machine, signo: int) -> None:
         scope = self.scopes.get(m.unit)

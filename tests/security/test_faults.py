@@ -354,3 +354,38 @@ def test_sigkill_during_a_copy(bus: BusDaemon, daemon: Machined, busybox_tree: P
         c.close()
         leader.kill()
         leader.wait()
+
+
+def test_terminate_at_the_fd_limit_fails_then_works(bus: BusDaemon, daemon: Machined,
+                                                    sleepers: Sleepers) -> None:
+    """A terminate that cannot list its scope's processes (no fd left: each machine holds a
+    pidfd, so registrations can use up a lowered limit) fails, instead of answering success
+    with nothing signalled, and works once an fd is free again."""
+    c = RawClient(bus)
+    names = ["secfd0", "secfd1"]
+    for name in names:
+        assert c.manager("RegisterMachine", "sayssus", name, b"", "sec", "container",
+                         sleepers.start_orphan(), "")[0] == "ok"
+    fds = f"/proc/{daemon.pid}/fd"
+    wait_for(lambda: len(os.listdir(fds)) >= 17 + len(names), 5, what="the leaders' pidfds")
+    soft = subprocess.run(["prlimit", f"--pid={daemon.pid}", "--nofile", "--raw",
+                           "--noheadings", "--output=SOFT"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    used = {int(fd) for fd in os.listdir(fds)}
+    lowest_free = min(set(range(len(used) + 1)) - used)
+    subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={lowest_free}:"], check=True)
+    try:
+        assert c.manager("TerminateMachine", "s", names[0]) == (
+            "error", "System.Error.EMFILE", "Too many open files")
+        assert c.manager("KillMachine", "ssi", names[0], "all", 18) == (
+            "error", "System.Error.EMFILE", "Too many open files")
+        assert names[0] in machine_names(bus)
+    finally:
+        subprocess.run(["prlimit", f"--pid={daemon.pid}", f"--nofile={soft}:"], check=True)
+        c.close()
+    c = RawClient(bus)
+    try:
+        assert c.manager("TerminateMachine", "s", names[0]) == ("ok", ())
+        wait_for(lambda: names[0] not in machine_names(bus), 10, what="the machine to go")
+    finally:
+        c.close()
