@@ -11,6 +11,7 @@ from sdbus.sd_bus_internals import SdBus, SdBusMessage
 
 from ..bus import client
 from ..bus.errors import remote_errno
+from ..core import eager
 from ..core.errors import ErrnoError, RemoteError
 from ..core.machine import Machine, MachineClass
 from ..core.names import bus_label_escape, bus_label_unescape, machine_scope_name
@@ -42,6 +43,8 @@ class Systemd1Backend:
 
     def __init__(self, bus: SdBus) -> None:
         self.bus = bus
+        self._owner: str | None = None  # systemd1's unique name, as last asked
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def subscribe(
         self,
@@ -49,7 +52,11 @@ class Systemd1Backend:
         unit_changed: Callable[[str], None],
         reloaded: Callable[[], None],
     ) -> None:
-        """The four matches of §1.2 step 6, then Subscribe() (its failure is ignored)."""
+        """The four matches of §1.2 step 6, then Subscribe() (its failure is ignored).
+
+        Only signals from systemd1 itself count: any client may send a signal to the daemon
+        directly, and sd-bus matches its sender by name only when the bus routes it. (252 takes
+        a JobRemoved from anyone: a forged one fails a CreateMachine whose job is running.)"""
 
         def on_job_removed(msg: SdBusMessage) -> None:
             try:
@@ -78,20 +85,55 @@ class Systemd1Backend:
             if not active:
                 reloaded()
 
+        self._owner = await self._systemd1_owner()
+        from_systemd1 = self._from_systemd1
         self._slots = [
             await self.bus.match_signal_async(SYSTEMD1, SYSTEMD1_PATH, MANAGER, "JobRemoved",
-                                              on_job_removed),
+                                              from_systemd1(on_job_removed)),
             await self.bus.match_signal_async(SYSTEMD1, SYSTEMD1_PATH, MANAGER, "UnitRemoved",
-                                              on_unit_removed),
+                                              from_systemd1(on_unit_removed)),
             await self.bus.match_signal_async(SYSTEMD1, None, "org.freedesktop.DBus.Properties",
-                                              "PropertiesChanged", on_properties_changed),
+                                              "PropertiesChanged",
+                                              from_systemd1(on_properties_changed)),
             await self.bus.match_signal_async(SYSTEMD1, SYSTEMD1_PATH, MANAGER, "Reloading",
-                                              on_reloading),
+                                              from_systemd1(on_reloading)),
         ]
         try:
             await self._manager("Subscribe")
         except RemoteError as e:
             log.debug("Subscribe failed: %s", e.message)
+
+    def _from_systemd1(self, handle: Callable[[SdBusMessage], None]
+                       ) -> Callable[[SdBusMessage], None]:
+        """handle, for signals whose sender owns org.freedesktop.systemd1. A sender that is not
+        the owner last seen is checked against the bus driver first: PID 1 comes back under a
+        new unique name after a daemon-reexec."""
+
+        def checked(msg: SdBusMessage) -> None:
+            if msg.sender == self._owner:
+                handle(msg)
+            else:
+                eager.spawn(self._check_sender(msg, handle), self._tasks,
+                            "Checking a signal's sender")
+
+        return checked
+
+    async def _check_sender(self, msg: SdBusMessage,
+                            handle: Callable[[SdBusMessage], None]) -> None:
+        self._owner = await self._systemd1_owner()
+        if msg.sender == self._owner:
+            handle(msg)
+        else:
+            log.debug("Ignoring %s.%s from %s, which is not systemd1.", msg.interface,
+                      msg.member, msg.sender)
+
+    async def _systemd1_owner(self) -> str | None:
+        try:
+            (owner,) = await client.call(self.bus, "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                         "org.freedesktop.DBus", "GetNameOwner", "s", SYSTEMD1)
+        except RemoteError:
+            return None
+        return str(owner)
 
     async def _manager(self, member: str, signature: str = "", *args: Any) -> tuple[Any, ...]:
         return await client.call(self.bus, SYSTEMD1, SYSTEMD1_PATH, MANAGER, member,

@@ -356,3 +356,29 @@ def test_scope_errors_are_logged_as_252_logs_them(bus: BusDaemon, fake_systemd1:
     log = machined_systemd1.log
     assert "ERROR Failed to stop machine scope: Refused by the test." in log, log
     assert f"ERROR Failed to start machine scope: Unit {unit} already exists." in log, log
+
+
+def test_a_forged_job_removed_is_ignored(bus: BusDaemon, fake_systemd1: FakeSystemd1,
+                                         machined_systemd1: Machined, procs: Processes) -> None:
+    """Any client may send the daemon a signal directly: only systemd1's own count. (252 fails
+    the CreateMachine on this forged JobRemoved.)"""
+    fake_systemd1.mock("SetJobMode", "s", "manual")
+    name = unique_name("forged")
+    call = procs.spawn(["busctl", "--system", "--json=short", "call", DEST, MANAGER_PATH, MANAGER,
+                        "CreateMachine", "sayssusa(sv)", *create_args(name, procs.sleeper().pid),
+                        "0"], env=bus.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True)
+    wait_calls(fake_systemd1, "StartTransientUnit")
+    (job,) = fake_systemd1.mock("PendingJobs")[0]
+    subprocess.run(["dbus-send", "--system", f"--dest={DEST}", "--type=signal",
+                    "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager.JobRemoved",
+                    "uint32:1", f"objpath:{job}", f"string:{scope_name(name)}", "string:failed"],
+                   env=bus.env(), check=True)
+    time.sleep(0.5)
+    assert call.poll() is None, call.communicate()
+    assert machine_prop(bus, name, "State") == "opening"
+    fake_systemd1.mock("FinishJob", "os", job, "done")
+    out, err = call.communicate(timeout=5)
+    assert call.returncode == 0, err
+    assert machine_prop(bus, name, "State") == "running"
+    assert "which is not systemd1" in machined_systemd1.log
