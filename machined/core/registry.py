@@ -348,12 +348,14 @@ class Registry:
     def _drop(self, m: Machine) -> None:
         """Finalize and free m; the backend forgets its scope, in the background if that means
         waiting for systemd."""
-        owns_unit = self.units.get(m.unit) is m
+        # the unit is this machine's alone, or nobody's (a registration that failed after the
+        # backend had started to watch the unit): the backend may forget it
+        owns_unit = self.units.get(m.unit, m) is m
         self._finalize(m)
         if m is self.host:  # never leaves the table
             return
         self._free(m)
-        if m.referenced or owns_unit:
+        if m.referenced or (m.unit and owns_unit):
             eager.spawn(self.backend.release(m), self._tasks,
                         f"Releasing the unit of machine {m.name}")
 

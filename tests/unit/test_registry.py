@@ -295,6 +295,18 @@ async def test_register_uses_leader_unit_and_never_stops_it(world: World) -> Non
     assert (world.statedir.path / "unit:foo.service").is_symlink()
 
 
+async def test_a_failed_registration_lets_the_backend_forget_the_unit(world: World) -> None:
+    world.backend.pid_units[100] = "foo.service"
+    world.backend.pid_units[200] = "bar.service"
+    await world.registry.register(spec(name="one", leader=200), 1)
+    for name, leader in (("two", 100), ("three", 200)):  # a unit of its own, one another's
+        with pytest.raises(ErrnoError):
+            await world.registry.register(spec(name=name, leader=leader, cls=""), 1)
+    await world.settle()
+    assert ("release", "foo.service") in world.backend.calls
+    assert ("release", "bar.service") not in world.backend.calls
+
+
 async def test_register_without_unit_fails_with_message(world: World) -> None:
     with pytest.raises(ErrnoError, match="Failed to determine unit of process 100 : "):
         await world.registry.register(spec(), 1)
