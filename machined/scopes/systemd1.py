@@ -27,8 +27,10 @@ MANAGER = "org.freedesktop.systemd1.Manager"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 _GONE = ("org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.systemd1.LoadFailed")
 # What a call gets when PID 1 re-executes (systemctl daemon-reexec) before answering it: its old
-# bus connection goes, with the calls it had not read, once the new PID 1 is on the bus.
+# bus connection goes, with the calls it had not read, once the new PID 1 is on the bus. (sd-bus
+# gives its own call timeout the same name, with another message.)
 _CUT_SHORT = "org.freedesktop.DBus.Error.NoReply"
+_RECIPIENT_GONE = "Message recipient disconnected from message bus without replying"
 # How long the new PID 1 may take to own its name again after that; then the call is sent once
 # more. 252 does not retry (its calls happen to succeed only when it was blocked meanwhile).
 REEXEC_WAIT = 5.0
@@ -144,23 +146,24 @@ class Systemd1Backend:
         new PID 1. PID 1 drops the calls it has not read yet; one that it did act on just
         before (its reply lost) does no harm twice: a second stop job merges with the first, a
         signal comes twice."""
+        sent_to = self._owner
         try:
             return await self._manager(member, signature, *args)
         except RemoteError as e:
-            if e.name != _CUT_SHORT or not await self._back_on_the_bus():
+            if (e.name, e.message) != (_CUT_SHORT, _RECIPIENT_GONE) or \
+                    not await self._back_on_the_bus(sent_to):
                 raise
         return await self._manager(member, signature, *args)
 
-    async def _back_on_the_bus(self) -> bool:
-        """PID 1 owns its name again (within REEXEC_WAIT)."""
+    async def _back_on_the_bus(self, gone: str | None) -> bool:
+        """A PID 1 other than `gone` owns systemd1's name (within REEXEC_WAIT)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + REEXEC_WAIT
         while True:
-            try:
-                if await client.name_has_owner(self.bus, SYSTEMD1):
-                    return True
-            except RemoteError:
-                return False
+            owner = await self._systemd1_owner()
+            if owner is not None and owner != gone:
+                self._owner = owner
+                return True
             if loop.time() >= deadline:
                 return False
             await asyncio.sleep(0.05)

@@ -53,11 +53,19 @@ class Pid1:
         self.conn.close()
 
 
+async def subscribed_backend(timeout_usec: int = 25_000_000) -> Systemd1Backend:
+    bus = sd_bus_open_system()
+    bus.method_call_timeout_usec = timeout_usec
+    backend = Systemd1Backend(bus)
+    await backend.subscribe(lambda *_: None, lambda _unit: None, lambda: None)
+    return backend
+
+
 async def reexec_during(call: Callable[[Systemd1Backend, Machine], Any], back_after: float,
                         calls: list[tuple[str, ...]]) -> Any:
     old = Pid1(calls, "old", answers=False)
     await old.take_name()
-    backend = Systemd1Backend(sd_bus_open_system())
+    backend = await subscribed_backend()
     m = Machine(name="x", cls=MachineClass.CONTAINER, unit=UNIT, leader=4242)
     pending = asyncio.ensure_future(call(backend, m))
     while not calls:
@@ -98,3 +106,26 @@ def test_no_new_pid1_in_time_is_the_error_it_was(monkeypatch: pytest.MonkeyPatch
         asyncio.run(reexec_during(lambda b, m: b.stop(m), 1.0, calls))
     assert e.value.message == "Connection timed out"  # NoReply, as 252 maps it
     assert calls == [("old", "StopUnit", UNIT, "fail")]
+
+
+def test_a_pid1_too_busy_to_answer_in_time_gets_no_second_call() -> None:
+    # sd-bus's own timeout is a NoReply too, but the PID 1 it went to is still there: a
+    # second StopUnit or KillUnit would only be acted on twice once it gets to them.
+    calls: list[tuple[str, ...]] = []
+
+    async def scenario() -> None:
+        busy = Pid1(calls, "busy", answers=False)
+        await busy.take_name()
+        backend = await subscribed_backend(timeout_usec=300_000)
+        m = Machine(name="x", cls=MachineClass.CONTAINER, unit=UNIT, leader=4242)
+        try:
+            with pytest.raises(ErrnoError) as e:
+                await backend.kill(m, 10)
+            assert e.value.message == "Connection timed out"
+            await asyncio.sleep(0.3)
+        finally:
+            await busy.go()
+            backend.bus.close()
+
+    asyncio.run(scenario())
+    assert calls == [("busy", "KillUnit", UNIT, "all", "10")]
