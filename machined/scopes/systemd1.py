@@ -46,6 +46,8 @@ class Systemd1Backend:
     def __init__(self, bus: SdBus) -> None:
         self.bus = bus
         self._owner: str | None = None  # systemd1's unique name, as last asked
+        # signals held, in order, while the owner is asked again (see _from_systemd1)
+        self._held: list[tuple[SdBusMessage, Callable[[SdBusMessage], None]]] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def subscribe(
@@ -112,22 +114,32 @@ class Systemd1Backend:
         new unique name after a daemon-reexec."""
 
         def checked(msg: SdBusMessage) -> None:
-            if msg.sender == self._owner:
+            if self._held is None and msg.sender == self._owner:
                 handle(msg)
-            else:
-                eager.spawn(self._check_sender(msg, handle), self._tasks,
-                            "Checking a signal's sender")
+                return
+            # Held until the driver has said who owns the name, with those that come
+            # meanwhile: a burst from a new PID 1 costs one question and keeps its order.
+            if self._held is None:
+                self._held = []
+                eager.spawn(self._release_held(), self._tasks, "Checking systemd1's signals")
+            self._held.append((msg, handle))
 
         return checked
 
-    async def _check_sender(self, msg: SdBusMessage,
-                            handle: Callable[[SdBusMessage], None]) -> None:
-        self._owner = await self._systemd1_owner()
-        if msg.sender == self._owner:
-            handle(msg)
-        else:
-            log.debug("Ignoring %s.%s from %s, which is not systemd1.", msg.interface,
-                      msg.member, msg.sender)
+    async def _release_held(self) -> None:
+        try:
+            self._owner = await self._systemd1_owner()
+        finally:
+            held, self._held = self._held or [], None
+        for msg, handle in held:
+            if msg.sender == self._owner:
+                try:
+                    handle(msg)
+                except Exception:  # the signals after it are still handled
+                    log.exception("Handling %s.%s failed", msg.interface, msg.member)
+            else:
+                log.debug("Ignoring %s.%s from %s, which is not systemd1.", msg.interface,
+                          msg.member, msg.sender)
 
     async def _systemd1_owner(self) -> str | None:
         try:

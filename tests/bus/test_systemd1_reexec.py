@@ -5,12 +5,15 @@ caller gets NoReply "Message recipient disconnected from message bus without rep
 from __future__ import annotations
 
 import asyncio
+import ctypes
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from sdbus import sd_bus_internals
 from sdbus.sd_bus_internals import SdBus, sd_bus_open_system
 
+from machined.bus import libsdbus
 from machined.bus.objects import Dispatcher, Interface, Method
 from machined.core.errors import ErrnoError
 from machined.core.machine import Machine, MachineClass
@@ -19,6 +22,7 @@ from machined.scopes.systemd1 import MANAGER, SYSTEMD1, SYSTEMD1_PATH, Systemd1B
 from tests.helpers.busdaemon import BusDaemon
 
 UNIT = "machine-x.scope"
+DAEMON = "org.example.Machined"
 
 
 class Pid1:
@@ -43,6 +47,15 @@ class Pid1:
             Method("KillUnit", "ssi", ("name", "who", "signal"), "", (),
                    handler("KillUnit", lambda: None)),
         ]))
+
+    def job_removed(self, job: int, result: str, destination: str | None = None) -> None:
+        signal = self.conn.new_signal_message(SYSTEMD1_PATH, MANAGER, "JobRemoved")
+        signal.append_data("uoss", job, f"{SYSTEMD1_PATH}/job/{job}", UNIT, result)
+        if destination:  # sdbus has no setter for a signal's destination: sd-bus's own, here
+            set_destination = ctypes.CDLL(sd_bus_internals.__file__).sd_bus_message_set_destination
+            set_destination.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+            assert set_destination(libsdbus.message_pointer(signal), destination.encode()) >= 0
+        signal.send()
 
     async def take_name(self) -> None:
         await self.conn.request_name_async(SYSTEMD1, 0)
@@ -129,3 +142,40 @@ def test_a_pid1_too_busy_to_answer_in_time_gets_no_second_call() -> None:
 
     asyncio.run(scenario())
     assert calls == [("busy", "KillUnit", UNIT, "all", "10")]
+
+
+def test_signals_count_only_from_the_pid1_of_the_moment_and_keep_their_order() -> None:
+    seen: list[tuple[str, str]] = []
+
+    async def scenario() -> None:
+        calls: list[tuple[str, ...]] = []
+        old = Pid1(calls, "old", answers=True)
+        await old.take_name()
+        backend = Systemd1Backend(sd_bus_open_system())
+        await backend.subscribe(lambda job, _unit, result: seen.append((job[-1], result)),
+                                lambda _unit: None, lambda: None)
+        await backend.bus.request_name_async(DAEMON, 0)
+        forger = Pid1(calls, "forger", answers=True)  # a client, not systemd1
+        await forger.conn.request_name_async("org.example.Forger", 0)  # connected, and running
+        try:
+            old.job_removed(1, "done")
+            forger.job_removed(2, "failed", DAEMON)  # sent to the daemon itself
+            await old.go()  # re-executing: the new PID 1 comes under another unique name
+            new = Pid1(calls, "new", answers=True)
+            await new.take_name()
+            for job in (3, 4, 5):
+                new.job_removed(job, "done")
+            forger.job_removed(6, "failed", DAEMON)
+            new.job_removed(7, "done")
+            for _ in range(100):
+                if len(seen) >= 5:
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.1)
+            await new.go()
+        finally:
+            await forger.go()
+            backend.bus.close()
+
+    asyncio.run(scenario())
+    assert seen == [("1", "done"), ("3", "done"), ("4", "done"), ("5", "done"), ("7", "done")]
