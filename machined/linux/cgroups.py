@@ -18,6 +18,8 @@ from .process import read_proc
 
 # What opening a cgroup's file gives when the cgroup was removed meanwhile.
 _GONE = (errno.ENOENT, errno.ENODEV)
+# ... and reading cgroup.procs of a threaded cgroup, whose processes its threaded domain lists.
+_NOT_LISTED = (*_GONE, errno.EOPNOTSUPP)
 
 
 def _raise_unless_gone(e: OSError) -> None:
@@ -189,7 +191,7 @@ class Hierarchy:
                 with open(dirpath + "/cgroup.procs") as f:
                     procs = f.read()
             except OSError as e:
-                if e.errno in _GONE:
+                if e.errno in _NOT_LISTED:
                     continue
                 raise
             yield from (int(line) for line in procs.split())

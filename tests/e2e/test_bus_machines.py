@@ -202,6 +202,27 @@ def test_kill_machine(bus: BusDaemon, machined: Machined, monitor: Monitor,
     assert_machine_gone(bus, name, scope_name(name))
 
 
+def test_kill_and_terminate_with_a_threaded_cgroup_in_the_scope(
+        bus: BusDaemon, machined: Machined, monitor: Monitor, procs: Processes) -> None:
+    # The payload may make a threaded cgroup in its delegated subtree; reading its
+    # cgroup.procs fails (EOPNOTSUPP), its processes are the threaded domain's.
+    name = unique_name("thr")
+    leader = procs.sleeper()
+    create_machine(bus, name, leader.pid)
+    threaded = scope_dir(name) / "t"
+    threaded.mkdir()
+    try:
+        (threaded / "cgroup.type").write_text("threaded")
+        mcall(bus, "KillMachine", "ssi", name, "all", signal.SIGCONT)
+        mcall(bus, "TerminateMachine", "s", name)
+        monitor.wait_signal("MachineRemoved", lambda a: a[0] == name, timeout=5)
+        assert leader.wait(3) == -signal.SIGTERM
+    finally:
+        with contextlib.suppress(OSError):
+            threaded.rmdir()
+    wait_for(lambda: not scope_dir(name).exists(), 3, what="the scope cgroup to go")
+
+
 def test_unregister_keeps_scope_running(bus: BusDaemon, machined: Machined, monitor: Monitor,
                                         procs: Processes) -> None:
     name = unique_name("unreg")
