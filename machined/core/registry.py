@@ -56,6 +56,7 @@ class Registry:
         self._tasks: set[asyncio.Task[Any]] = set()  # releases that wait for systemd
         self._shutting_down = False
         self._create_waiters: dict[int, asyncio.Future[str]] = {}
+        self._starting: dict[int, bool] = {}  # machines whose scope is being made: GC asked?
         # JobRemoved can overtake the StartTransientUnit reply on our side of the socket.
         self._finished_jobs: OrderedDict[str, str] = OrderedDict()
         self.generation = 0  # bumped whenever a machine enters or leaves the table
@@ -212,7 +213,7 @@ class Registry:
             raise ErrnoError(errno.EEXIST)
         self.leaders[m.leader] = m
         if not m.unit:
-            m.scope_job = await self.backend.start_scope(m, properties or [])
+            await self._start_scope(m, properties or [])
         self.units.setdefault(m.unit, m)
         info_after_reply(log, "New machine %s.", m.name, fields=_journal_fields(MACHINE_START, m))
         if m.timestamp is None:
@@ -223,6 +224,23 @@ class Registry:
         # The leader is watched right after the reply: nobody waits for that, and a leader that
         # exits in between is seen all the same (its pidfd cannot be had, or reports the exit).
         asyncio.get_running_loop().call_soon(self._watch_leader, m)
+
+    async def _start_scope(self, m: Machine, properties: ScopeProperties) -> None:
+        """The only wait of a start: 252 makes this call synchronously, so nothing else
+        happens to the machine meanwhile. Here the GC leaves it alone until the scope is there
+        (a Reloading signal would have it drop the machine that is not started yet) and runs
+        afterwards if it was asked for."""
+        self._starting[id(m)] = False
+        try:
+            m.scope_job = await self.backend.start_scope(m, properties)
+        finally:
+            gc_asked = self._starting.pop(id(m))
+        if self.machines.get(m.name) is not m:  # unregistered meanwhile: its scope stays
+            eager.spawn(self.backend.release(m), self._tasks,
+                        f"Releasing the unit of machine {m.name}")
+            raise ErrnoError(errno.ECANCELED, f"Machine {m.name} went away before it started")
+        if gc_asked:
+            asyncio.get_running_loop().call_soon(self.queue_gc, m)
 
     def _watch_leader(self, m: Machine) -> None:
         if self.leaders.get(m.leader) is not m:
@@ -313,6 +331,9 @@ class Registry:
 
     async def _may_gc(self, m: Machine, drop_not_started: bool) -> bool:
         if m.cls is MachineClass.HOST:
+            return False
+        if id(m) in self._starting:  # see _start_scope
+            self._starting[id(m)] = True
             return False
         if drop_not_started and not m.started:
             return True

@@ -25,10 +25,13 @@ class FakeBackend:
         self.pid_units: dict[int, str] = {}
         self.fail_start: RemoteError | None = None
         self.fail_after_scope: RemoteError | None = None  # the scope is made, then an error
+        self.start_gate: asyncio.Event | None = None  # StartTransientUnit answers once it is set
         self._n = 0
 
     async def start_scope(self, m: Machine, properties: list) -> str:  # type: ignore[type-arg]
         self.calls.append(("start", m.name))
+        if self.start_gate is not None:
+            await self.start_gate.wait()
         if self.fail_start:
             raise self.fail_start
         m.unit = f"machine-{m.name}.scope"
@@ -225,6 +228,43 @@ async def test_a_failed_create_stops_the_scope_it_got(world: World) -> None:
     await world.settle()
     assert ("release", "machine-ct.scope") in world.backend.calls
     assert ("new", "ct") not in world.listener.events
+
+
+async def test_a_reload_while_the_scope_is_made_keeps_the_machine(world: World) -> None:
+    # systemd's Reloading signal has every machine checked: not the one whose scope is on its
+    # way (252's StartTransientUnit call is synchronous; it reads no signal meanwhile).
+    world.backend.start_gate = asyncio.Event()
+    task = asyncio.ensure_future(world.registry.create(spec(), [], 1))
+    await world.settle()
+    world.registry.manager_reloaded()
+    await world.settle()
+    world.backend.start_gate.set()
+    m = await task
+    await world.settle()
+    assert world.registry.get("ct") is m and m.started
+    assert ("freed", "ct") not in world.listener.events
+    world.backend.active.discard(m.unit)  # the GC it was asked for runs after the start
+    world.registry.unit_changed(m.unit)
+    await world.settle()
+    assert world.registry.get("ct") is None
+
+
+async def test_unregistered_while_its_scope_is_made(world: World) -> None:
+    world.backend.start_gate = asyncio.Event()
+    task = asyncio.ensure_future(world.registry.create(spec(), [], 1))
+    await world.settle()
+    m = world.registry.get("ct")
+    assert m is not None
+    world.registry.unregister(m)
+    world.backend.start_gate.set()
+    with pytest.raises(ErrnoError, match="Machine ct went away before it started"):
+        await task
+    await world.settle()
+    assert world.registry.get("ct") is None and world.registry.by_pid(100) is None
+    assert ("new", "ct") not in world.listener.events
+    assert not (world.statedir.path / "ct").exists()
+    assert ("release", "machine-ct.scope") in world.backend.calls
+    assert ("stop", "machine-ct.scope") not in world.backend.calls  # as an unregistration
 
 
 async def test_name_and_leader_uniqueness(world: World) -> None:
