@@ -129,12 +129,18 @@ do_install() {
     rm -rf "$ROOT$wheels"
     install -m 0755 "$SRC/scripts/install.sh" "$ROOT$PREFIX/install.sh"
 
-    # The unit in the distribution's place, not in /etc, so that the administrator's own
-    # files in /etc still win: `systemctl mask`, `systemctl edit --full`, drop-ins.
-    place_file "$SRC/units/systemd-machined.service" /lib/systemd/system/systemd-machined.service
+    # With dpkg, the unit goes in the distribution's place (diverted), not in /etc, so that the
+    # administrator's own files in /etc still win: `systemctl mask`, `systemctl edit --full`.
+    # Without dpkg nothing would keep the package manager from writing over it there: /etc.
+    local units=/etc/systemd/system
+    if has_dpkg; then units=/lib/systemd/system; fi
+    place_file "$SRC/units/systemd-machined.service" "$units/systemd-machined.service"
     # the alias D-Bus activation asks for: systemd-container ships it, a symlink by name
-    local alias=/lib/systemd/system/dbus-org.freedesktop.machine1.service
-    [ -L "$ROOT$alias" ] || place_link systemd-machined.service "$alias"
+    local alias=dbus-org.freedesktop.machine1.service
+    if [ ! -L "$ROOT/lib/systemd/system/$alias" ] && [ ! -L "$ROOT/usr/lib/systemd/system/$alias" ]
+    then
+        place_link systemd-machined.service "$units/$alias"
+    fi
     place_file "$SRC/units/org.freedesktop.machine1.service" \
         /usr/share/dbus-1/system-services/org.freedesktop.machine1.service
     place_file "$SRC/policy/org.freedesktop.machine1.conf" \

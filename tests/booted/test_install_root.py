@@ -75,3 +75,29 @@ def test_install_and_uninstall_with_root(tree: Path, wheelhouse: Path) -> None:
     after = snapshot(tree)
     assert after == before, "".join(difflib.unified_diff(
         before.splitlines(True), after.splitlines(True), "before", "after"))
+
+
+def test_install_and_uninstall_without_dpkg(tree: Path, wheelhouse: Path) -> None:
+    """Without dpkg nothing keeps a package upgrade from writing over a file in the
+    distribution's place: the unit goes to /etc, and the distribution's files it replaces are
+    kept as FILE.machined-orig until uninstall."""
+    (tree / "var/lib/dpkg/status").rename(tree / "var/lib/dpkg/status.hidden")
+    try:
+        before = snapshot(tree)
+        subprocess.run([INSTALL, "install", "--root", str(tree), "--wheelhouse",
+                        str(wheelhouse)], check=True, capture_output=True, timeout=300)
+        unit = tree / "etc/systemd/system/systemd-machined.service"
+        assert unit.read_bytes() == (REPO / "units/systemd-machined.service").read_bytes()
+        distribution = tree / "lib/systemd/system/systemd-machined.service"
+        assert b"/lib/systemd/systemd-machined" in distribution.read_bytes()  # untouched
+        conf = "usr/share/dbus-1/system.d/org.freedesktop.machine1.conf"
+        assert (tree / conf).read_bytes() == \
+            (REPO / "policy/org.freedesktop.machine1.conf").read_bytes()
+        assert (tree / f"{conf}.machined-orig").exists()
+        subprocess.run([str(tree / "usr/lib/machined/install.sh"), "uninstall", "--root",
+                        str(tree)], check=True, capture_output=True, timeout=120)
+        after = snapshot(tree)
+        assert after == before, "".join(difflib.unified_diff(
+            before.splitlines(True), after.splitlines(True), "before", "after"))
+    finally:
+        (tree / "var/lib/dpkg/status.hidden").rename(tree / "var/lib/dpkg/status")
