@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -89,7 +90,8 @@ class Systemd1Backend:
             if not active:
                 reloaded()
 
-        self._owner = await self._systemd1_owner()
+        with contextlib.suppress(RemoteError):  # else asked with the first signal
+            self._owner = await self._systemd1_owner()
         from_systemd1 = self._from_systemd1
         self._slots = [
             await self.bus.match_signal_async(SYSTEMD1, SYSTEMD1_PATH, MANAGER, "JobRemoved",
@@ -127,12 +129,16 @@ class Systemd1Backend:
         return checked
 
     async def _release_held(self) -> None:
+        unknown = False
         try:
             self._owner = await self._systemd1_owner()
+        except RemoteError as e:  # the driver did not say: taken as 252 takes them all
+            log.debug("Cannot tell who owns %s: %s", SYSTEMD1, e.message)
+            unknown = True
         finally:
             held, self._held = self._held or [], None
         for msg, handle in held:
-            if msg.sender == self._owner:
+            if unknown or msg.sender == self._owner:
                 try:
                     handle(msg)
                 except Exception:  # the signals after it are still handled
@@ -142,11 +148,15 @@ class Systemd1Backend:
                           msg.member, msg.sender)
 
     async def _systemd1_owner(self) -> str | None:
+        """The unique name that owns systemd1's, None if none does; RemoteError if the bus
+        driver cannot say."""
         try:
             (owner,) = await client.call(self.bus, "org.freedesktop.DBus", "/org/freedesktop/DBus",
                                          "org.freedesktop.DBus", "GetNameOwner", "s", SYSTEMD1)
-        except RemoteError:
-            return None
+        except RemoteError as e:
+            if e.name == "org.freedesktop.DBus.Error.NameHasNoOwner":
+                return None
+            raise
         return str(owner)
 
     async def _manager(self, member: str, signature: str = "", *args: Any) -> tuple[Any, ...]:
@@ -172,7 +182,10 @@ class Systemd1Backend:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + REEXEC_WAIT
         while True:
-            owner = await self._systemd1_owner()
+            try:
+                owner = await self._systemd1_owner()
+            except RemoteError:
+                return False
             if owner is not None and owner != gone:
                 self._owner = owner
                 return True
