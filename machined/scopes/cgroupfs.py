@@ -36,6 +36,10 @@ from . import common
 log = logging.getLogger(__name__)
 
 DEFAULT_SLICE = "machine.slice"
+# An emptied scope that something joined just before its rmdir is tried again after 0.2 s, then
+# twice as long each time, for about half a minute.
+_REMOVE_RETRY = 0.2
+_REMOVE_ATTEMPTS = 7
 
 
 @dataclass
@@ -105,14 +109,27 @@ class CgroupfsBackend:
             self._remove(scope.path)
         return True
 
-    def _remove(self, path: str) -> None:
+    def _remove(self, path: str, attempt: int = 0) -> None:
         """Remove an empty scope we made, with the slices it leaves empty, as systemd collects
-        them: in the cgroup2 hierarchy and in its mirror in the name=systemd one."""
-        self.hierarchy.remove(path)
-        self.hierarchy.remove_empty_parents(path)
-        if self.mirror is not None and self.mirror.exists(path):
-            self.mirror.remove(path)
-            self.mirror.remove_empty_parents(path)
+        them: in the cgroup2 hierarchy and in its mirror in the name=systemd one. A process
+        can join it between the check that it is empty and the rmdir (a shell's helper that
+        enters the machine as it goes, and leaves at once): then again a little later."""
+        removed = all(self._remove_from(h, path) for h in (self.hierarchy, self.mirror)
+                      if h is not None)
+        if not removed and attempt < _REMOVE_ATTEMPTS:
+            asyncio.get_running_loop().call_later(_REMOVE_RETRY * 2**attempt, self._remove, path,
+                                                  attempt + 1)
+
+    @staticmethod
+    def _remove_from(hierarchy: cgroups.Hierarchy, path: str) -> bool:
+        try:
+            if hierarchy.exists(path) and not hierarchy.remove(path):
+                return False
+            hierarchy.remove_empty_parents(path)
+        except OSError as e:  # EMFILE, say
+            log.debug("Cannot remove %s yet: %s", path, e)
+            return False
+        return True
 
     def _new_scope(self, unit: str, slice_name: str, pids: list[int],
                    registering: bool = False) -> Scope:
@@ -302,7 +319,8 @@ class CgroupfsBackend:
         """After the reload: scopes of ours that no machine claims are registrations the daemon
         was killed in the middle of (after making the scope, before writing the state file).
         Nobody asked for them to be kept; remove each once it is empty."""
-        for unit, path in self._scopes_at_start().items():
+        scopes = self._scopes_at_start()
+        for unit, path in scopes.items():
             if unit in self.scopes:
                 continue
             scope = Scope(unit=unit, path=path, owned=True, stop_timeout=self.stop_timeout)
@@ -310,6 +328,11 @@ class CgroupfsBackend:
                 log.info("Scope %s belongs to no machine; removing it once it is empty.", unit)
                 self._track(scope)
                 self._resume_stop(scope, self.hierarchy.read_note(path))
+        # mirrors whose cgroup2 scope went without them: empty ones go (rmdir fails otherwise)
+        if self.mirror is not None:
+            for unit, path in self.mirror.machine_scopes().items():
+                if unit not in scopes and unit not in self.scopes:
+                    self._remove_from(self.mirror, path)
         self._scopes_found = None
 
     def _scopes_at_start(self) -> dict[str, str]:

@@ -13,6 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.daemon import Machined, busctl, cgroup2_mount, wait_for
 
@@ -33,6 +35,7 @@ from .support import (
     machine_prop,
     mcall,
     mcall_data,
+    mirror_scope_dir,
     pid_alive,
     register_machine,
     scope_dir,
@@ -221,6 +224,33 @@ def test_kill_and_terminate_with_a_threaded_cgroup_in_the_scope(
         with contextlib.suppress(OSError):
             threaded.rmdir()
     wait_for(lambda: not scope_dir(name).exists(), 3, what="the scope cgroup to go")
+
+
+def test_a_scope_joined_as_it_goes_is_removed_once_left(bus: BusDaemon, machined: Machined,
+                                                         monitor: Monitor,
+                                                         procs: Processes) -> None:
+    # A shell's helper may enter the machine's cgroups just as its scope is found empty: the
+    # rmdir then fails, and is tried again. Here a process sits in the scope's mirror in the
+    # name=systemd hierarchy (as nspawn makes it) when the cgroup2 scope empties.
+    name = unique_name("join")
+    mirror = mirror_scope_dir(name)
+    if mirror is None:
+        pytest.skip("no name=systemd hierarchy (not a hybrid host)")
+    leader = procs.sleeper()
+    create_machine(bus, name, leader.pid)
+    mirror.mkdir(parents=True)
+    joiner = procs.sleeper()
+    try:
+        (mirror / "cgroup.procs").write_text(str(joiner.pid))
+        leader.kill()
+        monitor.wait_signal("MachineRemoved", lambda a: a[0] == name, timeout=5)
+        wait_for(lambda: not scope_dir(name).exists(), 3, what="the cgroup2 scope to go")
+        time.sleep(0.5)
+        assert mirror.exists()  # still held
+    finally:
+        joiner.kill()
+        joiner.wait()
+    wait_for(lambda: not mirror.exists(), 10, what="the mirror to go once left")
 
 
 def test_unregister_keeps_scope_running(bus: BusDaemon, machined: Machined, monitor: Monitor,
