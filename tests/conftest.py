@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,15 @@ import pytest
 
 from tests.helpers.busdaemon import BusDaemon
 from tests.helpers.daemon import Machined, clean_state
+
+# A run started in the background by a shell (`./scripts/test.sh &`) inherits SIGINT and SIGQUIT
+# ignored, and so would every process the tests start; some tests stop them with those signals
+# (KillSignal=SIGINT). Python's own handler for SIGINT and the default for SIGQUIT are reset to
+# the default in the children at exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 @pytest.fixture
