@@ -96,9 +96,12 @@ class CgroupfsBackend:
         self._events(scope)  # it may have emptied before the watch was there
 
     def _events(self, scope: Scope) -> None:
-        if self.hierarchy.populated(scope.path):
+        try:
+            if not self._forget_if_empty(scope):
+                return
+        except OSError as e:  # EMFILE, say: the leader's exit still has its machine checked
+            log.warning("Cannot tell whether scope %s is empty: %s", scope.unit, e.strerror)
             return
-        self._forget_if_empty(scope)
         self.unit_changed(scope.unit)
 
     def _forget_if_empty(self, scope: Scope) -> bool:
@@ -264,7 +267,11 @@ class CgroupfsBackend:
         scope = self.scopes.get(m.unit)
         if scope is None:
             return False
-        return not self._forget_if_empty(scope)
+        try:
+            return not self._forget_if_empty(scope)
+        except OSError as e:  # cannot tell: active, as errors count in the systemd1 backend
+            log.warning("Cannot tell whether scope %s is empty: %s", scope.unit, e.strerror)
+            return True
 
     async def job_is_active(self, job: str) -> bool:
         return False
