@@ -96,16 +96,18 @@ class CgroupfsBackend:
         self._events(scope)  # it may have emptied before the watch was there
 
     def _events(self, scope: Scope) -> None:
-        try:
-            if not self._forget_if_empty(scope):
-                return
-        except OSError as e:  # EMFILE, say: the leader's exit still has its machine checked
-            log.warning("Cannot tell whether scope %s is empty: %s", scope.unit, e.strerror)
-            return
-        self.unit_changed(scope.unit)
+        if self._forget_if_empty(scope):
+            self.unit_changed(scope.unit)
 
     def _forget_if_empty(self, scope: Scope) -> bool:
-        if self.hierarchy.populated(scope.path):
+        """False while the scope holds processes, and while that cannot be told (EMFILE, say:
+        then it counts as active, as errors do in the systemd1 backend, and the leader's exit
+        still has its machine checked)."""
+        try:
+            if self.hierarchy.populated(scope.path):
+                return False
+        except OSError as e:
+            log.warning("Cannot tell whether scope %s is empty: %s", scope.unit, e.strerror)
             return False
         self._untrack(scope)
         if scope.owned:
@@ -267,11 +269,7 @@ class CgroupfsBackend:
         scope = self.scopes.get(m.unit)
         if scope is None:
             return False
-        try:
-            return not self._forget_if_empty(scope)
-        except OSError as e:  # cannot tell: active, as errors count in the systemd1 backend
-            log.warning("Cannot tell whether scope %s is empty: %s", scope.unit, e.strerror)
-            return True
+        return not self._forget_if_empty(scope)
 
     async def job_is_active(self, job: str) -> bool:
         return False
