@@ -192,11 +192,14 @@ class Registry:
             return
         if self.machines.get(m.name) is not m:
             return  # collected meanwhile
-        if m.own_scope and m.unit and m.state != "closing":
-            eager.spawn(self._stop_abandoned(m), self._tasks, f"Stopping machine {m.name}")
+        eager.spawn(self._stop_own_scope(m), self._tasks, f"Stopping machine {m.name}")
         self._drop(m)
 
-    async def _stop_abandoned(self, m: Machine) -> None:
+    async def _stop_own_scope(self, m: Machine) -> None:
+        """What is left in a scope this daemon made is stopped (the GC's and a failed start's
+        clean-up): unlike 252's, never somebody else's unit (spec §6.11)."""
+        if not m.own_scope or m.state == "closing":
+            return
         try:
             await self._stop(m)
         except MachinedError as e:
@@ -236,8 +239,7 @@ class Registry:
         finally:
             gc_asked = self._starting.pop(id(m))
         if self.machines.get(m.name) is not m:  # unregistered meanwhile: its scope stays
-            eager.spawn(self.backend.release(m), self._tasks,
-                        f"Releasing the unit of machine {m.name}")
+            self._release(m)
             raise ErrnoError(errno.ECANCELED, f"Machine {m.name} went away before it started")
         if gc_asked:
             asyncio.get_running_loop().call_soon(self.queue_gc, m)
@@ -356,13 +358,7 @@ class Registry:
     async def _gc_one(self, m: Machine, drop_not_started: bool) -> None:
         if not await self._may_gc(m, drop_not_started):
             return
-        # Only scopes of ours (m.own_scope) are stopped here: unlike 252, a failed registration
-        # never stops somebody else's unit (spec §6.11).
-        if m.own_scope and m.state != "closing":
-            try:
-                await self._stop(m)
-            except MachinedError as e:
-                log.warning("Failed to stop machine %s: %s", m.name, e.message)
+        await self._stop_own_scope(m)
         if self.machines.get(m.name) is m and await self._may_gc(m, drop_not_started):
             self._drop(m)
 
@@ -377,8 +373,11 @@ class Registry:
             return
         self._free(m)
         if m.referenced or (m.unit and owns_unit):
-            eager.spawn(self.backend.release(m), self._tasks,
-                        f"Releasing the unit of machine {m.name}")
+            self._release(m)
+
+    def _release(self, m: Machine) -> None:
+        """The backend forgets m's unit, in the background if that means waiting for systemd."""
+        eager.spawn(self.backend.release(m), self._tasks, f"Releasing the unit of machine {m.name}")
 
     def _finalize(self, m: Machine) -> None:
         """Files unlinked, MachineRemoved emitted (if it was announced)."""
