@@ -134,10 +134,9 @@ def _refuse(code: int, program: Program, machine: str) -> None:
 
 def check_host_program(program: Program) -> None:
     """On the host, what the shell child would refuse up front (see start_program)."""
-    if lookup_user(program.user) is None:
-        _refuse(NO_USER, program, ".host")
-    if _program_path(program) is None:
-        _refuse(NO_PROGRAM, program, ".host")
+    found = _find(program)
+    if isinstance(found, int):
+        _refuse(found, program, ".host")
 
 
 def _fork_program(tty: int, user: User, path: str, program: Program) -> int:
@@ -170,6 +169,24 @@ def _program_path(program: Program) -> str | None:
     return next((p for p in (program.path, *program.alternatives) if os.path.exists(p)), None)
 
 
+def _find(program: Program) -> tuple[User, str] | int:
+    """The user and the program's path in the root we are in, or the exit code of a child
+    that refuses it (NO_USER, NO_PROGRAM; see _refuse)."""
+    user = lookup_user(program.user)
+    if user is None:
+        return NO_USER
+    path = _program_path(program)
+    if path is None:
+        return NO_PROGRAM
+    return user, path
+
+
+def _open_pty() -> tuple[int, int, int]:
+    """A new PTY of the devpts we are in: (master, slave, number)."""
+    master, number = open_ptmx()
+    return master, os.open(pty_path(number), os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC), number
+
+
 async def open_terminal_in(leader: int, program: Program, machine: str) -> tuple[int, int, str]:
     """A PTY inside the container (master, slave, path inside), once it is known that the
     user and the program are there: for a program that the host's service manager starts on
@@ -177,12 +194,10 @@ async def open_terminal_in(leader: int, program: Program, machine: str) -> tuple
     with ns.Target.open(leader, _TERMINAL, root=True) as target:
         def work(sock: socket.socket) -> int:
             target.enter()
-            if lookup_user(program.user) is None:
-                return NO_USER
-            if _program_path(program) is None:
-                return NO_PROGRAM
-            master, number = open_ptmx()
-            slave = os.open(pty_path(number), os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+            found = _find(program)
+            if isinstance(found, int):
+                return found
+            master, slave, number = _open_pty()
             ns.send(sock, struct.pack("=I", number), [master, slave])
             return 0
 
@@ -214,11 +229,10 @@ def run_in_container(leader: int, program: Program, cgroup_procs: list[str]) -> 
             f.write(str(os.getpid()))
     ns.limit_bounding_set(bounding)  # no capability the container's own processes lack
     target.enter()
-    user = lookup_user(program.user)
-    path = _program_path(program)
-    if user is None or path is None:
-        return NO_USER if user is None else NO_PROGRAM
-    _pid, status = os.waitpid(_fork_program(0, user, path, program), 0)
+    found = _find(program)
+    if isinstance(found, int):
+        return found
+    _pid, status = os.waitpid(_fork_program(0, *found, program), 0)
     return os.waitstatus_to_exitcode(status) & 0xFF
 
 
@@ -235,16 +249,12 @@ async def start_program(leader: int | None, program: Program, cgroup_procs: list
                 f.write(str(os.getpid()))
         if target is not None:
             target.enter()
-        user = lookup_user(program.user)
-        if user is None:
-            return NO_USER
-        path = _program_path(program)
-        if path is None:
-            return NO_PROGRAM
-        master, number = open_ptmx()
-        slave = os.open(pty_path(number), os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        found = _find(program)
+        if isinstance(found, int):
+            return found
+        master, slave, number = _open_pty()
         # not in the pid namespace of the shell: the middle child goes, the shell stays
-        pid = _fork_program(slave, user, path, program)
+        pid = _fork_program(slave, *found, program)
         ns.send(sock, struct.pack("=I", number), [master])
         os.close(master)
         sock.close()
@@ -268,6 +278,5 @@ async def start_program(leader: int | None, program: Program, cgroup_procs: list
     result = ns.ChildResult(await ns.reap(pid), messages, fds)
     result.close_fds()
     _refuse(result.code, program, machine)
-    err = result.errno
-    raise ErrnoError(err) if err else ErrnoError(errno.EIO)
+    raise ErrnoError(result.errno or errno.EIO)
 
