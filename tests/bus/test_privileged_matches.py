@@ -6,15 +6,14 @@ of the rules, so a broadcast signal of that name never reaches the daemon."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 
 import pytest
-from sdbus import sd_bus_internals
 from sdbus.sd_bus_internals import SdBus, sd_bus_open_system
 
 from machined.bus import libsdbus
 from machined.bus.objects import Dispatcher, Interface, Method
 from tests.helpers.busdaemon import BusDaemon
+from tests.helpers.client import set_destination
 
 NAME = "org.example.Guarded"
 
@@ -28,10 +27,8 @@ async def call(bus: SdBus, path: str, interface: str) -> object:
 def signal(bus: SdBus, destination: str | None) -> None:
     msg = bus.new_signal_message("/t", "org.example.T", "Guard")
     msg.append_data("s", "x")
-    if destination:  # sdbus has no setter for a signal's destination: sd-bus's own, here
-        set_destination = ctypes.CDLL(sd_bus_internals.__file__).sd_bus_message_set_destination
-        set_destination.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        assert set_destination(libsdbus.message_pointer(msg), destination.encode()) >= 0
+    if destination:
+        set_destination(msg, destination)
     msg.send()
 
 

@@ -5,21 +5,19 @@ caller gets NoReply "Message recipient disconnected from message bus without rep
 from __future__ import annotations
 
 import asyncio
-import ctypes
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sdbus import sd_bus_internals
 from sdbus.sd_bus_internals import SdBus, sd_bus_open_system
 
-from machined.bus import libsdbus
 from machined.bus.objects import Dispatcher, Interface, Method
 from machined.core.errors import ErrnoError
 from machined.core.machine import Machine, MachineClass
 from machined.scopes import systemd1
 from machined.scopes.systemd1 import MANAGER, SYSTEMD1, SYSTEMD1_PATH, Systemd1Backend
 from tests.helpers.busdaemon import BusDaemon
+from tests.helpers.client import set_destination
 
 UNIT = "machine-x.scope"
 DAEMON = "org.example.Machined"
@@ -51,10 +49,8 @@ class Pid1:
     def job_removed(self, job: int, result: str, destination: str | None = None) -> None:
         signal = self.conn.new_signal_message(SYSTEMD1_PATH, MANAGER, "JobRemoved")
         signal.append_data("uoss", job, f"{SYSTEMD1_PATH}/job/{job}", UNIT, result)
-        if destination:  # sdbus has no setter for a signal's destination: sd-bus's own, here
-            set_destination = ctypes.CDLL(sd_bus_internals.__file__).sd_bus_message_set_destination
-            set_destination.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-            assert set_destination(libsdbus.message_pointer(signal), destination.encode()) >= 0
+        if destination:
+            set_destination(signal, destination)
         signal.send()
 
     async def take_name(self) -> None:

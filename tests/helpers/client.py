@@ -4,13 +4,16 @@ the same from a child process that may run as another user (RawClient)."""
 from __future__ import annotations
 
 import ast
+import ctypes
 import os
 import subprocess
 import sys
 from typing import Any
 
-from sdbus.sd_bus_internals import SdBus, SdBusBaseError, sd_bus_open_system
+from sdbus import sd_bus_internals
+from sdbus.sd_bus_internals import SdBus, SdBusBaseError, SdBusMessage, sd_bus_open_system
 
+from machined.bus import libsdbus
 from machined.bus.client import remote_error
 
 from .busdaemon import REPO, BusDaemon
@@ -86,3 +89,10 @@ class RawClient:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def set_destination(msg: SdBusMessage, destination: str) -> None:
+    """Address a signal to one connection: sdbus has no setter for it, sd-bus's own here."""
+    setter = ctypes.CDLL(sd_bus_internals.__file__).sd_bus_message_set_destination
+    setter.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    assert setter(libsdbus.message_pointer(msg), destination.encode()) >= 0
